@@ -1,0 +1,29 @@
+# Every target sets up what it needs: a virtual environment in .venv with lmforge installed.
+# TORCH picks the PyTorch build: the default is the CPU wheel; on a CUDA machine use e.g.
+#   make quickstart TORCH="torch==2.11.0"
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+quickstart: $(BIN)/.installed
+	$(BIN)/lmforge quickstart
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

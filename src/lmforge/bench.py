@@ -1,0 +1,93 @@
+"""`lmforge bench`: training throughput of one model shape on random tokens, as one JSON line.
+
+Random tokens take the data pipeline out of the measurement: what is timed is forward, backward
+and the optimizer step, the part lmforge's own code decides.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import OptimConfig
+from lmforge.models import build_model, model_config
+from lmforge.runtime import (
+    autocast,
+    configure_backends,
+    peak_flops,
+    peak_memory_gib,
+    resolve_device,
+    resolve_precision,
+    synchronize,
+)
+from lmforge.train.optim import build_optimizer
+
+
+def bench(
+    family: str = "gpt2",
+    flavor: str = "124m",
+    batch_size: int = 8,
+    seq_len: int = 1024,
+    steps: int = 20,
+    warmup: int = 5,
+    precision: str = "auto",
+    compile: bool | None = None,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict:
+    """Train `steps` timed steps (after `warmup` untimed ones) and report the figures."""
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    configure_backends(dev)
+    torch.manual_seed(seed)
+    model = build_model(model_config(family, flavor, max_seq_len=seq_len), dev)
+    optimizer = build_optimizer(model, OptimConfig(), dev.type)
+    use_compile = compile if compile is not None else dev.type == "cuda"
+    train_model = torch.compile(model) if use_compile else model
+    vocab = model.cfg.vocab_size
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+
+    def step() -> None:
+        tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=dev)
+        with autocast(dev, dtype):
+            logits = train_model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    synchronize(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(dev)
+    elapsed = time.perf_counter() - started
+
+    tokens_per_sec = batch_size * seq_len * steps / elapsed
+    peak, peak_source = peak_flops(dev)
+    flops_per_token = model.flops_per_token(seq_len)
+    return {
+        "family": family,
+        "flavor": flavor,
+        "params": model.num_params(),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": use_compile,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+        "tokens_per_sec": tokens_per_sec,
+        "step_ms": 1000 * elapsed / steps,
+        "mfu": flops_per_token * tokens_per_sec / peak if peak else None,
+        "mfu_peak": peak_source,
+        "flops_per_token": flops_per_token,
+        "peak_mem_gib": peak_memory_gib(dev),
+    }

@@ -1,0 +1,280 @@
+"""The `lmforge` command: command name → function; each function's typed signature is its CLI.
+
+jsonargparse reads the signatures and docstrings below (and, for `pretrain`, the RunConfig
+dataclasses) to build the parser, type-check values and write `--help`. A user mistake ends with
+one line on stderr and exit code 2; only a bug in lmforge shows a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from lmforge.config import RunConfig, explain_parse_error, namespace_to_config
+from lmforge.errors import ConfigError, LmforgeError
+
+
+def quickstart(out: str = "runs/quickstart", max_steps: int | None = None) -> None:
+    """Train a tiny llama on the Python standard library's own source, evaluate it, print samples.
+
+    Args:
+        out: Run directory (running it again continues or re-reports the same run).
+        max_steps: Training steps (default: 300 on CPU, 2000 on a GPU).
+    """
+    from lmforge.quickstart import quickstart as run
+
+    run(out, max_steps)
+
+
+def prepare(
+    source: str,
+    out: str,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.01,
+    seed: int = 1337,
+    num_workers: int | None = None,
+    tokenizer: str | None = None,
+) -> None:
+    """Tokenize a corpus into memory-mapped shards with a tokenizer and a manifest.
+
+    Args:
+        source: stdlib (the Python standard library's source), a text file, a directory, a glob, a .jsonl or .parquet file.
+        out: Output directory (tokenizer.json, train_*.bin, val_*.bin, manifest.json).
+        vocab_size: Vocabulary size of the byte-level BPE tokenizer to train.
+        val_fraction: Fraction of documents held out for validation.
+        seed: Seed of the train/validation split.
+        num_workers: Tokenizer worker processes (default: all cores).
+        tokenizer: Use this tokenizer.json instead of training one.
+    """
+    from lmforge.data.prepare import prepare_data
+
+    manifest = prepare_data(source, out, vocab_size, val_fraction, seed, num_workers, tokenizer)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
+
+
+def generate(
+    run: str,
+    prompt: str = "",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+) -> None:
+    """Stream text from a trained model (uses the KV cache).
+
+    Args:
+        run: Run directory (its newest checkpoint) or checkpoint directory.
+        prompt: Text to continue.
+        max_new_tokens: Tokens to generate at most.
+        temperature: Sampling temperature; 0 is greedy.
+        top_k: Sample among the k most likely tokens.
+        top_p: Sample among the most likely tokens covering this probability.
+        seed: Sampling seed (default: random).
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from lmforge.api import load
+    from lmforge.infer.generate import generate as generate_ids
+    from lmforge.runtime import resolve_device
+
+    model, tokenizer = load(run, device=resolve_device(device))
+    eos_id = tokenizer.token_to_id("<|eos|>")
+    prompt_ids = tokenizer.encode(prompt).ids
+    print(prompt, end="", flush=True)
+    ids: list[int] = []
+    shown = ""
+    for token_id in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id):
+        if token_id == eos_id:
+            break
+        ids.append(token_id)
+        # Decode the whole continuation: a byte-level token can end inside a UTF-8 character.
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    print()
+
+
+def evaluate(run: str, batches: int = 50, batch_size: int = 8, device: str = "auto") -> None:
+    """Print validation loss and perplexity of a trained model on its run's validation split.
+
+    Args:
+        run: Run directory (its newest checkpoint) or checkpoint directory.
+        batches: Validation batches to average over.
+        batch_size: Sequences per batch.
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from lmforge.api import load
+    from lmforge.config import load_config
+    from lmforge.data.loader import val_batches
+    from lmforge.evaluate.perplexity import evaluate_loss
+    from lmforge.runtime import resolve_device, resolve_precision
+    from lmforge.train.checkpoint import resolve_checkpoint
+
+    dev = resolve_device(device)
+    ckpt_dir = resolve_checkpoint(run)
+    cfg = load_config(ckpt_dir / "config.yaml")
+    run_dir = ckpt_dir.parent.parent
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
+    model, _ = load(ckpt_dir, device=dev)
+    data = val_batches(data_dir, batch_size, cfg.data.seq_len, batches)
+    result = evaluate_loss(model, data, dev, resolve_precision("auto", dev))
+    print(json.dumps({"checkpoint": str(ckpt_dir), **result}))
+
+
+def bench(
+    family: str = "gpt2",
+    flavor: str = "124m",
+    batch_size: int = 8,
+    seq_len: int = 1024,
+    steps: int = 20,
+    warmup: int = 5,
+    precision: str = "auto",
+    compile: bool | None = None,
+    device: str = "auto",
+) -> None:
+    """Train on random tokens and print one JSON line: tokens_per_sec, mfu, peak_mem_gib, step_ms.
+
+    Args:
+        family: llama or gpt2.
+        flavor: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
+        batch_size: Sequences per step.
+        seq_len: Tokens per sequence.
+        steps: Timed steps.
+        warmup: Untimed steps first (compilation, allocator warm-up).
+        precision: auto, fp32, bf16 or fp16.
+        compile: torch.compile the model (default: on for CUDA).
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from lmforge.bench import bench as run
+
+    print(json.dumps(run(family, flavor, batch_size, seq_len, steps, warmup, precision, compile, device)))
+
+
+def pretrain(config: RunConfig, out: str, resume: bool = False) -> None:
+    from lmforge.train.pretrain import pretrain as run
+
+    result = run(config, out, resume)
+    print(json.dumps(result))
+
+
+PRETRAIN_HELP = (
+    "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume] [--section.key=value ...]. "
+    "Sections: model, data, optim, schedule, train, checkpoint, logging."
+)
+
+
+def _function_parser(fn, positional: bool = False) -> ArgumentParser:
+    parser = ArgumentParser(
+        exit_on_error=False, allow_abbrev=False, description=(fn.__doc__ or "").split("\n")[0]
+    )
+    parser.add_function_arguments(fn, None, as_positional=positional)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="lmforge",
+        exit_on_error=False,
+        allow_abbrev=False,
+        description="Train language models, end to end.",
+    )
+    commands = parser.add_subcommands(dest="command")
+
+    pretrain_parser = ArgumentParser(exit_on_error=False, allow_abbrev=False, description=PRETRAIN_HELP)
+    pretrain_parser.add_argument(
+        "--config", action=ActionConfigFile, help="Recipe YAML (e.g. recipes/tiny.yaml)."
+    )
+    pretrain_parser.add_argument("--out", type=str, required=True, help="Run directory.")
+    pretrain_parser.add_argument("--resume", action="store_true", help="Continue the run in --out.")
+    pretrain_parser.add_class_arguments(RunConfig, None)
+    commands.add_subcommand("pretrain", pretrain_parser, help="Pretrain a model from a recipe.")
+
+    commands.add_subcommand(
+        "quickstart", _function_parser(quickstart), help="Tiny end-to-end run on stdlib source."
+    )
+    data_parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)
+    commands.add_subcommand("data", data_parser, help="Data preparation.")  # (jsonargparse: parent first)
+    data_commands = data_parser.add_subcommands(dest="data_command")
+    data_commands.add_subcommand("prepare", _function_parser(prepare), help="Tokenize a corpus into shards.")
+    commands.add_subcommand("generate", _function_parser(generate, positional=True), help="Generate text.")
+    commands.add_subcommand(
+        "eval", _function_parser(evaluate, positional=True), help="Validation loss/perplexity."
+    )
+    commands.add_subcommand("bench", _function_parser(bench), help="Throughput on random tokens.")
+    return parser
+
+
+def _normalize(argv: list[str]) -> list[str]:
+    """Accept --max-new-tokens for --max_new_tokens (dotted config keys keep their spelling)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "." not in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def _resume_config(argv: list[str]) -> list[str]:
+    """`pretrain --out DIR --resume` without --config reads DIR/config.yaml (overrides still apply)."""
+    if argv[:1] != ["pretrain"] or "--resume" not in argv or any(a.startswith("--config") for a in argv):
+        return argv
+    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
+    if out is None and "--out" in argv and argv.index("--out") + 1 < len(argv):
+        out = argv[argv.index("--out") + 1]
+    saved = Path(out) / "config.yaml" if out else None
+    return ["pretrain", "--config", str(saved), *argv[1:]] if saved and saved.is_file() else argv
+
+
+def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
+    args = parser.parse_args(argv)
+    command = args.command
+    sub = args[command]
+    if command == "pretrain":
+        values = parser._subcommands_action._name_parser_map["pretrain"].instantiate(sub)  # noqa: SLF001
+        pretrain(namespace_to_config(values), values.out, values.resume)
+        return
+    if command == "data":
+        prepare(**sub.prepare.as_dict())
+        return
+    functions = {"quickstart": quickstart, "generate": generate, "eval": evaluate, "bench": bench}
+    kwargs = sub.as_dict()
+    kwargs.pop("config", None)
+    functions[command](**kwargs)
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"lmforge: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line
+    argv = _resume_config(_normalize(list(sys.argv[1:] if argv is None else argv)))
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    try:
+        _dispatch(parser, argv)
+    except LmforgeError as err:
+        print(f"lmforge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # jsonargparse's ArgumentError and type errors of user values
+        if type(err).__module__.startswith(("argparse", "jsonargparse")) or isinstance(err, ConfigError):
+            print(f"lmforge: error: {explain_parse_error(err)}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

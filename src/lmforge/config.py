@@ -1,0 +1,330 @@
+"""The run config: one typed dataclass per component, YAML in and out.
+
+Each stage receives only its own section (the optimizer builder gets `OptimConfig`, the
+checkpointer gets `CheckpointConfig`, ...). The resolved config is written to `RUN/config.yaml`
+and into every checkpoint, so a run can always be rebuilt from its directory.
+
+Parsing and type checking of YAML files and `--section.key=value` overrides is done by
+jsonargparse, which reads these dataclasses' type hints; an unknown key or a value of the wrong
+type fails before any work with the key's name. Checks of values that types cannot express
+(a positive step count, a batch that divides evenly) live in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from lmforge.errors import ConfigError
+
+
+def _require(ok: bool, key: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture to build.
+
+    Args:
+        family: Model family: `llama` (RMSNorm, RoPE, SwiGLU, GQA) or `gpt2` (LayerNorm, learned positions, GELU).
+        flavor: Size preset of the family: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
+        vocab_size: Embedding rows; by default the tokenizer's vocab rounded up to a multiple of 64.
+    """
+
+    family: Literal["llama", "gpt2"] = "llama"
+    flavor: str = "tiny"
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "> 0", self.vocab_size)
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from.
+
+    Args:
+        source: Corpus: `stdlib` (the Python standard library's own source), a text file, a directory, a glob, a .jsonl or a .parquet file.
+        dir: Prepared data directory (tokenizer.json, shards, manifest.json); default RUN/data, prepared from `source` if missing.
+        vocab_size: Vocabulary size of the byte-level BPE tokenizer trained on the corpus.
+        tokenizer: Use this tokenizer.json instead of training one.
+        val_fraction: Fraction of documents held out for validation.
+        seq_len: Tokens per training window (the model's context length).
+        num_workers: Tokenizer worker processes (default: all cores).
+    """
+
+    source: str = "stdlib"
+    dir: str | None = None
+    vocab_size: int = 8192
+    tokenizer: str | None = None
+    val_fraction: float = 0.01
+    seq_len: int = 256
+    num_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.vocab_size >= 256 + 3,
+            "data.vocab_size",
+            ">= 259 (256 bytes + 3 special tokens)",
+            self.vocab_size,
+        )
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", self.val_fraction)
+        _require(self.seq_len > 0, "data.seq_len", "> 0", self.seq_len)
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer. Weight decay never applies to norms, biases and embeddings.
+
+    Args:
+        name: adamw, adam, sgd, adagrad or adafactor.
+        lr: Peak learning rate (reached at the end of warmup).
+        betas: Adam(W) moment coefficients.
+        eps: Adam(W)/AdaGrad epsilon.
+        weight_decay: Decoupled (AdamW, Adafactor) or L2 (others) weight decay on matrix weights.
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        fused: Fused AdamW/Adam kernel; default: on for CUDA.
+    """
+
+    name: Literal["adamw", "adam", "sgd", "adagrad", "adafactor"] = "adamw"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "> 0", self.lr)
+        _require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", self.betas)
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then a decay to `min_lr_ratio * lr`.
+
+    Args:
+        name: cosine, linear, constant, or wsd (warmup-stable-decay: flat, then linear decay over the last `decay_fraction`).
+        warmup_steps: Steps of linear warmup from 0 to the peak LR.
+        min_lr_ratio: Final LR as a fraction of the peak.
+        decay_fraction: wsd only: fraction of the steps spent decaying.
+        total_steps: Length of the schedule; default train.max_steps.
+    """
+
+    name: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "schedule.warmup_steps", ">= 0", self.warmup_steps)
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _require(
+            0.0 < self.decay_fraction <= 1.0, "schedule.decay_fraction", "in (0, 1]", self.decay_fraction
+        )
+        _require(
+            self.total_steps is None or self.total_steps > 0, "schedule.total_steps", "> 0", self.total_steps
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        max_steps: Optimizer steps to train for.
+        seed: Seed of model init and data order.
+        micro_batch_size: Sequences per forward/backward.
+        global_batch_tokens: Tokens per optimizer step; gradient accumulation makes up the difference. Default: one micro-batch.
+        grad_clip: Clip the global gradient norm to this (0 disables).
+        precision: auto (bf16 autocast on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU), fp32, bf16 or fp16.
+        compile: torch.compile the model; default: on for CUDA.
+        device: auto, cpu, cuda, cuda:N.
+        eval_every: Evaluate on the validation split every N steps (and at the end); 0 disables periodic evaluation.
+        eval_batches: Validation batches per evaluation.
+        sample_tokens: Tokens of sample text generated at each evaluation (0: none).
+    """
+
+    max_steps: int = 1000
+    seed: int = 1337
+    micro_batch_size: int = 16
+    global_batch_tokens: int | None = None
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool | None = None
+    device: str = "auto"
+    eval_every: int = 200
+    eval_batches: int = 20
+    sample_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "train.max_steps", "> 0", self.max_steps)
+        _require(self.micro_batch_size > 0, "train.micro_batch_size", "> 0", self.micro_batch_size)
+        _require(
+            self.global_batch_tokens is None or self.global_batch_tokens > 0,
+            "train.global_batch_tokens",
+            "> 0",
+            self.global_batch_tokens,
+        )
+        _require(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None, "train.device",
+                 "auto, cpu, cuda or cuda:N", self.device)  # fmt: skip
+        _require(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
+        _require(self.eval_batches > 0, "train.eval_batches", "> 0", self.eval_batches)
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written.
+
+    Args:
+        every_steps: Write a checkpoint every N steps (and always at the end); 0: only at the end.
+        keep_last: Keep this many most recent checkpoints.
+    """
+
+    every_steps: int = 500
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", ">= 0", self.every_steps)
+        _require(self.keep_last >= 1, "checkpoint.keep_last", ">= 1", self.keep_last)
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports.
+
+    Args:
+        log_every: Write a metrics.jsonl line (and sync with the device) every N steps.
+        progress: Show a progress bar.
+        tensorboard: Write TensorBoard events to RUN/tb.
+        plot: Write RUN/loss.png at the end.
+    """
+
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.log_every > 0, "logging.log_every", "> 0", self.log_every)
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        tokens_per_micro_batch = self.train.micro_batch_size * self.data.seq_len
+        if self.train.global_batch_tokens is not None:
+            _require(
+                self.train.global_batch_tokens % tokens_per_micro_batch == 0,
+                "train.global_batch_tokens",
+                f"a multiple of micro_batch_size * seq_len = {tokens_per_micro_batch}",
+                self.train.global_batch_tokens,
+            )
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.schedule.total_steps or self.train.max_steps
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain dict of the config (tuples as lists), as written to YAML."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_sha256(cfg: RunConfig) -> str:
+    return hashlib.sha256(yaml.safe_dump(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def run_config_parser():
+    """A jsonargparse parser whose keys are RunConfig's sections (`--train.max_steps`, ...)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)
+    parser.add_class_arguments(RunConfig, None)
+    return parser
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and type-check a config YAML file (a recipe or a run's config.yaml)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {one_line(str(err))}") from None
+    return parse_config_dict(text or {}, origin=str(path))
+
+
+def parse_config_dict(values: dict, origin: str = "config") -> RunConfig:
+    parser = run_config_parser()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(values).__name__}")
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in values:
+        if key not in sections:
+            raise ConfigError(
+                f"{origin}: unknown config section '{key}' (expected one of {', '.join(sections)})"
+            )
+    try:
+        namespace = parser.parse_object(values)
+        return namespace_to_config(parser.instantiate(namespace))
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{origin}: {explain_parse_error(err)}") from None
+
+
+def namespace_to_config(namespace) -> RunConfig:
+    """The instantiated jsonargparse namespace holds one dataclass per section."""
+    return RunConfig(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunConfig)})
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def explain_parse_error(err: BaseException) -> str:
+    """jsonargparse errors span several lines; keep the part that names the key and the value."""
+    # A ConfigError raised from a dataclass __post_init__ arrives wrapped; surface it.
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(err)
+    match = re.search(r"ConfigError: (config key .*?)(?:\n|$)", text)
+    if match:
+        return match.group(1)
+    text = re.sub(r"Group '([\w.]+)' does not accept nested key '(\w+)'", r"unknown config key '\1.\2'", text)
+    text = re.sub(r"Group '([\w.]+)' does not accept option '(\w+)'", r"unknown config key '\1.\2'", text)
+    text = re.sub(r'Parser key "([\w.]+)":\s*Expected a ', r"config key '\1': expected a ", text)
+    text = text.replace("<class '", "").replace("'>", "").replace("typing.", "")
+    return one_line(text)

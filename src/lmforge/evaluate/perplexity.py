@@ -1,0 +1,51 @@
+"""Validation loss and perplexity, and the unigram entropy a model must beat."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.runtime import autocast
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Mean next-token cross-entropy (nats/token) over `batches`, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    total_tokens = 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, dtype):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        total_loss += loss.double()
+        total_tokens += targets.numel()
+    model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("no validation batches")
+    val_loss = total_loss.item() / total_tokens  # one host sync per evaluation
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": total_tokens}
+
+
+def unigram_entropy(shards: Iterable[Path], dtype: str, vocab_size: int) -> float:
+    """Entropy (nats/token) of the corpus's token frequencies: the loss of the best model that
+    ignores context. A language model that learned anything beats it clearly."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for shard in shards:
+        tokens = np.memmap(shard, dtype=dtype, mode="r")
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

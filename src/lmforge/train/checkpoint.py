@@ -1,0 +1,333 @@
+"""Checkpoints: one format from one process to many.
+
+Layout of `RUN/checkpoints/step_0000100/`:
+    model/        model weights, safetensors (torch.distributed.checkpoint's Hugging Face writer)
+    optimizer/    optimizer tensors, safetensors, keys `state.<param fqn>.<name>`
+    trainer_state.json   step, data-loader position, RNG states, optimizer hyper-parameters
+    config.yaml, tokenizer.json   so the checkpoint alone rebuilds the model
+    manifest.json        written last: every file with its size and sha256, the step, the config hash
+
+Why this design: torch.distributed.checkpoint (DCP) runs in a single process too (no_dist=True)
+and, under torchrun, lets every rank write its own shard and a later run load them under another
+layout; its Hugging Face storage writer keeps the tensors in safetensors files, so loading never
+unpickles anything. State that is not a tensor is JSON. A checkpoint is written into a hidden
+temporary directory and renamed into place only when its manifest is complete: a crash mid-save
+leaves the previous checkpoint as the newest valid one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.config import RunConfig, config_sha256, save_config
+from lmforge.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# ---------------------------------------------------------------------------- tensors via DCP
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    dcp = _dcp()
+    with warnings.catch_warnings():
+        # DCP warns that it runs without a process group: in one process that is what we want.
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(directory)), no_dist=True)
+
+
+def _load_tensors(template: dict[str, torch.Tensor], directory: Path) -> None:
+    """Fill `template` in place from the safetensors files under `directory`."""
+    dcp = _dcp()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(template, storage_reader=dcp.HuggingFaceStorageReader(str(directory)), no_dist=True)
+
+
+def _tensor_headers(directory: Path) -> dict[str, tuple[list[int], torch.dtype]]:
+    """Name → (shape, dtype) of every tensor in the safetensors files of `directory`, headers only."""
+    from safetensors import safe_open
+
+    headers = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                piece = f.get_slice(key)
+                headers[key] = (piece.get_shape(), _SAFETENSORS_DTYPES[piece.get_dtype()])
+    return headers
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights by name; a tied weight is stored once, under its first name."""
+    seen: set[tuple] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if where in seen:
+            continue
+        seen.add(where)
+        state[name] = tensor
+    return state
+
+
+def load_model_weights(model: nn.Module, weights_dir: Path) -> None:
+    """Load safetensors weights into `model` in place (shapes are checked against the model)."""
+    template = model_state_dict(model)
+    headers = _tensor_headers(weights_dir)
+    for name, tensor in template.items():
+        if name not in headers:
+            raise CheckpointError(f"checkpoint {weights_dir} has no tensor '{name}'")
+        shape, _ = headers[name]
+        if list(tensor.shape) != list(shape):
+            raise CheckpointError(
+                f"checkpoint {weights_dir}: tensor '{name}' has shape {list(shape)}, the model expects {list(tensor.shape)}"
+            )
+    _load_tensors(template, weights_dir)
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    def decode(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(flat tensors, JSON-able rest) of the optimizer state, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer)
+    tensors, scalars = {}, {}
+    for fqn, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{fqn}.{key}"] = value
+            else:
+                scalars[f"state.{fqn}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    cfg: RunConfig,
+    tokenizer_path: Path,
+    keep_last: int,
+) -> Path:
+    """Write `run_dir/checkpoints/step_N` atomically and keep the newest `keep_last`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash mid-save; it was never valid
+    tmp.mkdir()
+
+    _save_tensors(model_state_dict(model), tmp / "model")
+    optim_tensors, optim_rest = _optimizer_state(model, optimizer)
+    _save_tensors(optim_tensors, tmp / "optimizer")
+    state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": optim_rest}
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    save_config(cfg, tmp / "config.yaml")
+    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+
+    files = {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
+    manifest = {"format": FORMAT_VERSION, "step": step, "config_sha256": config_sha256(cfg), "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_tree(tmp)
+
+    if final.exists():  # the same step written again (a run resumed at its last step)
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step_*") if (p / MANIFEST).is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------- find, verify, load
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        int(manifest["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint manifest {path} is corrupt ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint manifest {path} is corrupt: 'files' is not a mapping")
+    return manifest
+
+
+def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> dict:
+    """Check every file the manifest lists: present, right size and (optionally) right sha256."""
+    manifest = read_manifest(ckpt_dir)
+    for name, meta in manifest["files"].items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != meta["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file {path} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
+            )
+        if checksums and _sha256(path) != meta["sha256"]:
+            raise CheckpointError(
+                f"checkpoint file {path} is corrupt: its sha256 differs from the manifest's"
+            )
+    return manifest
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest first (complete or not)."""
+    return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint that verifies; older ones are tried with a warning naming the bad one.
+
+    Raises CheckpointError if there is none: a resume never silently starts from scratch.
+    """
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        raise CheckpointError(f"run directory {run_dir} has no checkpoint to resume from")
+    for ckpt_dir in reversed(candidates):
+        try:
+            verify_checkpoint(ckpt_dir)
+            return ckpt_dir
+        except CheckpointError as err:
+            warnings.warn(f"skipping checkpoint {ckpt_dir.name}: {err}", stacklevel=2)
+    raise CheckpointError(
+        f"run directory {run_dir} has no valid checkpoint (all {len(candidates)} failed verification)"
+    )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its newest valid checkpoint) or a checkpoint directory (verified)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"run or checkpoint directory {path} does not exist")
+    if (path / MANIFEST).is_file():
+        verify_checkpoint(path)
+        return path
+    if (path / "checkpoints").is_dir():
+        return latest_checkpoint(path)
+    raise CheckpointError(f"{path} is neither a run directory nor a checkpoint directory")
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / TRAINER_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"trainer state {path} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer in place; return the trainer state (step, loader, ...)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = load_trainer_state(ckpt_dir)
+    load_model_weights(model, ckpt_dir / "model")
+
+    headers = _tensor_headers(ckpt_dir / "optimizer")
+    flat = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in headers.items()}
+    if flat:
+        _load_tensors(flat, ckpt_dir / "optimizer")
+    flat.update(state["optimizer"]["scalars"])
+    per_param: dict[str, dict] = {}
+    for key, value in flat.items():
+        fqn, name = key.removeprefix("state.").rsplit(".", 1)
+        per_param.setdefault(fqn, {})[name] = value
+    groups = state["optimizer"]["param_groups"]
+    for group in groups:  # JSON turned tuples into lists
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
+    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups})
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,123 @@
+"""What a run reports: a progress bar, RUN/metrics.jsonl, TensorBoard events, RUN/loss.png.
+
+metrics.jsonl holds one JSON object per logged training step
+    {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s"}
+and one per evaluation
+    {"step", "val_loss", "val_ppl"}.
+Floats are written with Python's repr, so a value read back is bit-identical to the logged one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmforge.config import LoggingConfig
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Fans each record out to metrics.jsonl, TensorBoard and the progress bar."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, max_steps: int, start_step: int) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
+        self.cfg = cfg
+        # A resumed run drops what was logged after its checkpoint: those steps are run again.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(self.path, "a")  # noqa: SIM115 - open for the whole run
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(
+            total=max_steps,
+            initial=start_step,
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            unit="step",
+            desc="pretrain",
+        )
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    group = "val" if key.startswith("val_") else "train"
+                    self.tb.add_scalar(f"{group}/{key}", value, record["step"])
+
+    def log_train(self, record: dict) -> None:
+        self.write(record)
+        postfix = {
+            "loss": f"{record['loss']:.4f}",
+            "lr": f"{record['lr']:.2e}",
+            "tok/s": f"{record['tokens_per_sec']:,.0f}",
+        }
+        if record.get("mfu") is not None:
+            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def log_eval(self, record: dict) -> None:
+        self.write(record)
+        self.print(
+            f"step {record['step']}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
+        )
+
+    def print(self, text: str) -> None:
+        """Print above the progress bar without breaking it."""
+        if self.cfg.progress:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.cfg.plot:
+            plot_run(self.run_dir)
+
+
+def plot_run(run_dir: Path) -> Path:
+    """RUN/loss.png: train and validation loss (top) and learning rate (bottom) by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", linewidth=1)
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

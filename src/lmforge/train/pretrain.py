@@ -1,0 +1,201 @@
+"""Pretraining: next-token prediction on a prepared corpus, from a RunConfig to a run directory.
+
+Order of set-up: data (prepared once, reused) → tokenizer → model (single-device code) →
+optimizer → restore a checkpoint if resuming → compile (applied from outside the model) → loop.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import DataConfig, ModelConfig, RunConfig, load_config, save_config, to_dict
+from lmforge.data.loader import BatchLoader, val_batches
+from lmforge.data.prepare import load_manifest, prepare_data
+from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.evaluate.perplexity import evaluate_loss
+from lmforge.infer.generate import complete
+from lmforge.models import build_model, model_config
+from lmforge.runtime import (
+    autocast,
+    configure_backends,
+    peak_flops,
+    resolve_device,
+    resolve_precision,
+    synchronize,
+)
+from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from lmforge.train.metrics import MetricsLogger
+from lmforge.train.optim import build_optimizer
+from lmforge.train.schedule import lr_at
+
+
+def ensure_data(cfg: DataConfig, run_dir: Path, seed: int) -> Path:
+    """The prepared data directory of the run: reused when its manifest exists, else prepared."""
+    data_dir = Path(cfg.dir) if cfg.dir else run_dir / "data"
+    if (data_dir / "manifest.json").is_file():
+        manifest = load_manifest(data_dir)
+        if cfg.tokenizer is None and manifest["vocab_size"] != cfg.vocab_size:
+            raise ConfigError(
+                f"data directory {data_dir} was prepared with vocab_size {manifest['vocab_size']}, "
+                f"config key 'data.vocab_size' is {cfg.vocab_size}: use another data.dir"
+            )
+        return data_dir
+    prepare_data(
+        cfg.source,
+        data_dir,
+        vocab_size=cfg.vocab_size,
+        val_fraction=cfg.val_fraction,
+        seed=seed,
+        num_workers=cfg.num_workers,
+        tokenizer_path=cfg.tokenizer,
+    )
+    return data_dir
+
+
+def run_model_config(cfg: ModelConfig, seq_len: int, tokenizer_vocab: int):
+    """The family/flavor config with the run's context length and a vocab that fits the tokenizer."""
+    vocab_size = cfg.vocab_size or padded_vocab_size(tokenizer_vocab)
+    if vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"config key 'model.vocab_size' is {vocab_size} but the tokenizer has {tokenizer_vocab} tokens"
+        )
+    try:
+        return model_config(cfg.family, cfg.flavor, vocab_size=vocab_size, max_seq_len=seq_len)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model': {err}") from None
+
+
+def check_resume_compatible(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """A resumed run may change how long it trains, not what it trains."""
+    for section in ("model", "data"):
+        if to_dict(saved)[section] != to_dict(cfg)[section]:
+            raise ConfigError(
+                f"cannot resume {run_dir}: config section '{section}' differs from the run's config.yaml "
+                f"({to_dict(saved)[section]} vs {to_dict(cfg)[section]})"
+            )
+
+
+def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
+    """Train and return the last evaluation ({"step", "val_loss", "val_ppl"})."""
+    run_dir = Path(out)
+    ckpt_dir = None
+    if resume:
+        if not run_dir.is_dir():
+            raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
+        ckpt_dir = latest_checkpoint(run_dir)
+        check_resume_compatible(load_config(ckpt_dir / "config.yaml"), cfg, run_dir)
+    elif list_checkpoints(run_dir):
+        raise CheckpointError(
+            f"run directory {run_dir} already has checkpoints: pass --resume, or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_precision(cfg.train.precision, device)
+    configure_backends(device)
+    torch.manual_seed(cfg.train.seed)
+
+    data_dir = ensure_data(cfg.data, run_dir, cfg.train.seed)
+    tokenizer_path = run_dir / "tokenizer.json"
+    if tokenizer_path.resolve() != (data_dir / "tokenizer.json").resolve():
+        shutil.copyfile(data_dir / "tokenizer.json", tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = build_model(run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size()), device)
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+
+    seq_len, micro_batch = cfg.data.seq_len, cfg.train.micro_batch_size
+    loader = BatchLoader(data_dir, "train", micro_batch, seq_len, seed=cfg.train.seed)
+    step = 0
+    if ckpt_dir is not None:
+        state = load_checkpoint(ckpt_dir, model, optimizer)
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+    save_config(cfg, run_dir / "config.yaml")
+
+    use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+    train_model = torch.compile(model) if use_compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    accum_steps = (cfg.train.global_batch_tokens or micro_batch * seq_len) // (micro_batch * seq_len)
+    tokens_per_step = accum_steps * micro_batch * seq_len
+    flops_per_token = model.flops_per_token(seq_len)
+    peak, _ = peak_flops(device)
+    total_steps, max_steps = cfg.schedule_steps, cfg.train.max_steps
+    val_data = val_batches(data_dir, micro_batch, seq_len, cfg.train.eval_batches)
+    log = MetricsLogger(run_dir, cfg.logging, max_steps, step)
+    log.print(
+        f"model {cfg.model.family}-{cfg.model.flavor}: {model.num_params() / 1e6:.2f}M params, "
+        f"{device.type} {str(dtype).removeprefix('torch.')}, compile={use_compile}, "
+        f"{tokens_per_step:,} tokens/step ({accum_steps} micro-batches), run directory {run_dir}"
+    )
+
+    def evaluate(at_step: int) -> dict:
+        record = {"step": at_step, **evaluate_loss(model, val_data, device, dtype)}
+        record.pop("val_tokens")
+        log.log_eval(record)
+        if cfg.train.sample_tokens > 0:
+            text = complete(
+                model, tokenizer, "def ", cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=at_step
+            )
+            log.print(f"sample: def {text!r}")
+        return record
+
+    def checkpoint(at_step: int) -> None:
+        save_checkpoint(run_dir, at_step, model, optimizer, {"loader": loader.state_dict()}, cfg, tokenizer_path,
+                        cfg.checkpoint.keep_last)  # fmt: skip
+
+    last_eval: dict = {}
+    started = last_log_time = time.perf_counter()
+    last_log_step = step
+    while step < max_steps:
+        lr = lr_at(step, cfg.schedule, cfg.optim.lr, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum_steps):
+            inputs, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            with autocast(device, dtype):
+                logits = train_model(inputs)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum_steps
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        log.advance()
+
+        if step % cfg.logging.log_every == 0 or step == max_steps:
+            # The only host sync of the loop: .item() on logging steps, never on the others.
+            synchronize(device)
+            now = time.perf_counter()
+            tokens_per_sec = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+            log.log_train({
+                "step": step,
+                "loss": loss_sum.item(),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_sec": tokens_per_sec,
+                "mfu": flops_per_token * tokens_per_sec / peak if peak else None,
+                "elapsed_s": now - started,
+            })  # fmt: skip
+            last_log_time, last_log_step = now, step
+        paused_at = time.perf_counter()  # evaluation and checkpoints do not count towards tokens/s
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != max_steps:
+            last_eval = evaluate(step)
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != max_steps:
+            checkpoint(step)
+        last_log_time += time.perf_counter() - paused_at
+
+    last_eval = evaluate(step) if not last_eval or last_eval["step"] != step else last_eval
+    checkpoint(step)
+    log.close()
+    return last_eval

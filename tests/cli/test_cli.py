@@ -1,0 +1,101 @@
+"""Every CLI command on the debug flavor, and the one-line errors users get for their mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def debug_args(prepared_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--config", str(RECIPES / "debug.yaml"), "--out", str(out), f"--data.dir={prepared_dir}",
+            "--logging.progress=false", *extra]  # fmt: skip
+
+
+def test_pretrain_generate_eval(prepared_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(debug_args(prepared_dir, run, "--train.max_steps=4", "--checkpoint.every_steps=2")) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    assert (run / "checkpoints" / "step_0000004" / "manifest.json").is_file()
+
+    assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "8", "--seed", "0"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def ")
+    assert main(["generate", str(run), "--prompt=def ", "--max_new_tokens=8", "--seed=0"]) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+
+    assert main(["eval", str(run), "--batches", "2", "--batch-size", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["val_loss"] > 0 and result["val_ppl"] > 1
+
+    # --resume without --config reads RUN/config.yaml; the override extends the run.
+    assert (
+        main(["pretrain", "--out", str(run), "--resume", "--train.max_steps=6", "--logging.progress=false"])
+        == 0
+    )
+    assert (run / "checkpoints" / "step_0000006").is_dir()
+
+
+def test_data_prepare(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert (
+        main(["data", "prepare", "--source", str(corpus_dir), "--out", str(out), "--vocab-size", "300"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert (out / "manifest.json").is_file() and (out / "tokenizer.json").is_file()
+    assert summary["vocab_size"] == 300
+
+
+def test_bench_prints_one_json_line(capsys):
+    args = ["bench", "--family", "gpt2", "--flavor", "debug", "--batch-size", "2", "--seq-len", "32",
+            "--steps", "2", "--warmup", "1"]  # fmt: skip
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["tokens_per_sec"] > 0 and result["step_ms"] > 0
+    assert {"mfu", "peak_mem_gib", "mfu_peak"} <= set(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["pretrain", "--config", str(RECIPES / "debug.yaml"), "--out", "x", "--train.max_step=3"],
+            "max_step",
+        ),
+        (
+            ["pretrain", "--config", str(RECIPES / "debug.yaml"), "--out", "x", "--train.max_steps=abc"],
+            "train.max_steps",
+        ),
+        (["pretrain", "--out", "does/not/exist", "--resume"], "does not exist"),
+        (["generate", "does/not/exist"], "does not exist"),
+        (["data", "prepare", "--source", "no/such/corpus", "--out", "x"], "no/such/corpus"),
+    ],
+)
+def test_user_errors_are_one_line(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_help():
+    result = run_cli("pretrain", "--help")
+    assert result.returncode == 0
+    assert "--train.max_steps" in result.stdout and "--resume" in result.stdout

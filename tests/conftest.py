@@ -1,0 +1,49 @@
+"""Shared fixtures: a small real corpus (files of the Python standard library) and configs on it."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests compare losses across runs with ==; pin the thread count so every run does the same sums.
+torch.set_num_threads(1)
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["argparse.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "heapq.py",
+                "bisect.py", "fnmatch.py", "glob.py", "string.py", "csv.py", "copy.py"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """~12 real Python source files (about 250 KB)."""
+    out = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_FILES:
+        shutil.copyfile(STDLIB / name, out / name.replace("/", "_"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, corpus_dir) -> Path:
+    """The small corpus prepared once per test session with a 512-token tokenizer."""
+    from lmforge.data.prepare import prepare_data
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_data(str(corpus_dir), out, vocab_size=512, val_fraction=0.2, seed=0, num_workers=1)
+    return out
+
+
+def debug_config(prepared_dir: Path, **sections):
+    """The debug recipe on the prepared test corpus, with per-section overrides."""
+    from lmforge.config import load_config, parse_config_dict, to_dict
+
+    values = to_dict(load_config(Path(__file__).parent.parent / "recipes" / "debug.yaml"))
+    values["data"]["dir"] = str(prepared_dir)
+    values["data"]["vocab_size"] = 512
+    values["logging"].update(progress=False, tensorboard=True, plot=True)
+    for section, overrides in sections.items():
+        values[section].update(overrides)
+    return parse_config_dict(values)

@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import RunConfig, load_config, parse_config_dict, save_config
+from lmforge.errors import ConfigError
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+@pytest.mark.parametrize("recipe", ["debug", "tiny", "gpt2-124m", "llama-1b"])
+def test_recipes_load_and_round_trip(recipe, tmp_path):
+    cfg = load_config(RECIPES / f"{recipe}.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"train": {"max_step": 5}}, "unknown config key 'train.max_step'"),
+        ({"trian": {"max_steps": 5}}, "unknown config section 'trian'"),
+        ({"train": {"max_steps": "five"}}, "'train.max_steps': expected a int"),
+        ({"train": {"max_steps": 0}}, "'train.max_steps' must be > 0"),
+        ({"optim": {"name": "lion"}}, "'optim.name'"),
+        ({"optim": {"betas": [0.9]}}, "'optim.betas'"),
+        (
+            {"train": {"micro_batch_size": 3, "global_batch_tokens": 100}},
+            "'train.global_batch_tokens' must be a multiple",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(values, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config_dict(values)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_keep_other_defaults():
+    cfg = parse_config_dict({"train": {"max_steps": 7}})
+    assert cfg.train.max_steps == 7
+    assert cfg.train.seed == RunConfig().train.seed
+    assert cfg.schedule_steps == 7
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,36 @@
+import math
+
+import pytest
+
+from lmforge.config import ScheduleConfig
+from lmforge.train.schedule import lr_at
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant", "wsd"])
+def test_warmup_is_linear_and_reaches_peak(name):
+    cfg = ScheduleConfig(name=name, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 1.0, 100) for s in range(10)]
+    assert lrs == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_at(10, cfg, 1.0, 100) == pytest.approx(1.0)
+
+
+def test_cosine_decays_to_min_lr():
+    cfg = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(55, cfg, 2.0, 100) == pytest.approx(0.2 + 0.5 * 1.8 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, cfg, 2.0, 100) == pytest.approx(0.2)
+    lrs = [lr_at(s, cfg, 2.0, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_linear_and_constant():
+    linear = ScheduleConfig(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_at(50, linear, 1.0, 100) == pytest.approx(0.5)
+    constant = ScheduleConfig(name="constant", warmup_steps=0)
+    assert lr_at(99, constant, 1.0, 100) == 1.0
+
+
+def test_wsd_is_flat_then_decays_over_last_fraction():
+    cfg = ScheduleConfig(name="wsd", warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
+    assert [lr_at(s, cfg, 1.0, 100) for s in (10, 50, 79, 80)] == [1.0, 1.0, 1.0, 1.0]
+    assert lr_at(90, cfg, 1.0, 100) == pytest.approx(0.5)
+    assert lr_at(100, cfg, 1.0, 100) == pytest.approx(0.0)
