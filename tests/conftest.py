@@ -36,7 +36,13 @@ def prepared_dir(tmp_path_factory, corpus_dir) -> Path:
     return out
 
 
-def debug_config(prepared_dir: Path, **sections):
+@pytest.fixture
+def debug_config(prepared_dir):
+    """debug_config(section={key: value}, ...): the debug recipe on the prepared test corpus."""
+    return lambda **sections: make_debug_config(prepared_dir, **sections)
+
+
+def make_debug_config(prepared_dir: Path, **sections):
     """The debug recipe on the prepared test corpus, with per-section overrides."""
     from lmforge.config import load_config, parse_config_dict, to_dict
 

@@ -10,22 +10,19 @@ from torch import nn
 
 from lmforge.config import load_config
 from lmforge.data.tokenizer import load_tokenizer
+from lmforge.models import build_model
 from lmforge.train.checkpoint import load_model_weights, resolve_checkpoint
+from lmforge.train.pretrain import run_model_config
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer]:
     """Model (eval mode, fp32) and tokenizer from a run directory (its newest valid checkpoint)
     or a checkpoint directory. `model(ids)` maps (batch, seq) token ids to (batch, seq, vocab) logits."""
-    from lmforge.train.pretrain import run_model_config
-
     ckpt_dir = resolve_checkpoint(path)
     cfg = load_config(ckpt_dir / "config.yaml")
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
-    from lmforge.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(model_cfg, device="meta")
+    model = build_model(model_cfg, device="meta")  # no memory spent on an init that is overwritten
     model.to_empty(device=device)
     model.init_weights()  # also fills the buffers that are not saved (e.g. RoPE tables)
     load_model_weights(model, ckpt_dir / "model")

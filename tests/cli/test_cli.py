@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,9 @@ from lmforge.cli import main
 RECIPES = Path(__file__).parents[2] / "recipes"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300
-    )
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "lmforge", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def debug_args(prepared_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -87,8 +88,7 @@ def test_bench_prints_one_json_line(capsys):
     ],
 )
 def test_user_errors_are_one_line(args, message, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=120)  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error")]
@@ -99,3 +99,36 @@ def test_help():
     result = run_cli("pretrain", "--help")
     assert result.returncode == 0
     assert "--train.max_steps" in result.stdout and "--resume" in result.stdout
+
+
+def test_corrupt_shard_and_empty_corpus_are_one_line_errors(prepared_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    shard = data / "train_000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    result = run_cli(*debug_args(data, tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train_000.bin" in result.stderr.strip().splitlines()[-1]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("data", "prepare", "--source", str(empty), "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(empty) in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "d" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_beats_unigram_entropy(tmp_path):
+    """The real quickstart, end to end on the whole stdlib corpus (about 6 minutes on 2 cores)."""
+    result = run_cli("quickstart", "--out", str(tmp_path / "qs"), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = dict(
+        re.findall(r"^(validation loss|unigram entropy of corpus)\s+([\d.]+)", result.stdout, re.M)
+    )
+    val_loss, entropy = float(numbers["validation loss"]), float(numbers["unigram entropy of corpus"])
+    assert val_loss < entropy - 0.5, (val_loss, entropy)
+    run = tmp_path / "qs"
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file()
+    assert result.stdout.count("--- prompt") == 3

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import debug_config
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.train.checkpoint import (
@@ -23,10 +22,8 @@ def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-def test_loss_decreases_and_run_directory_is_complete(prepared_dir, tmp_path):
-    cfg = debug_config(
-        prepared_dir, train={"max_steps": 40, "eval_every": 20}, checkpoint={"every_steps": 20}
-    )
+def test_loss_decreases_and_run_directory_is_complete(debug_config, tmp_path):
+    cfg = debug_config(train={"max_steps": 40, "eval_every": 20}, checkpoint={"every_steps": 20})
     result = pretrain(cfg, tmp_path / "run")
     run = tmp_path / "run"
     losses = train_losses(run)
@@ -53,7 +50,7 @@ def test_loss_decreases_and_run_directory_is_complete(prepared_dir, tmp_path):
 
 
 @pytest.mark.parametrize("optim", ["adamw", "sgd"])
-def test_resume_is_exact(prepared_dir, tmp_path, optim):
+def test_resume_is_exact(debug_config, tmp_path, optim):
     """N steps + stop + resume + N steps == 2N straight steps, loss for loss (==, not approx)."""
     sections = {
         "train": {"max_steps": 12, "eval_every": 0, "micro_batch_size": 4, "global_batch_tokens": 4 * 64 * 2},
@@ -61,34 +58,34 @@ def test_resume_is_exact(prepared_dir, tmp_path, optim):
         "checkpoint": {"every_steps": 6},
     }
     straight = tmp_path / "straight"
-    pretrain(debug_config(prepared_dir, **sections), straight)
+    pretrain(debug_config(**sections), straight)
 
     stopped = tmp_path / "stopped"
-    first_half = debug_config(prepared_dir, **{**sections, "schedule": {"total_steps": 12},
+    first_half = debug_config(**{**sections, "schedule": {"total_steps": 12},
                                                "train": {**sections["train"], "max_steps": 6}})  # fmt: skip
     pretrain(first_half, stopped)
     assert load_trainer_state(latest_checkpoint(stopped))["step"] == 6
-    second_half = debug_config(prepared_dir, **{**sections, "schedule": {"total_steps": 12}})
+    second_half = debug_config(**{**sections, "schedule": {"total_steps": 12}})
     pretrain(second_half, stopped, resume=True)
 
     assert train_losses(stopped) == train_losses(straight)
     assert len(train_losses(stopped)) == 12
 
 
-def test_resume_errors(prepared_dir, tmp_path):
-    cfg = debug_config(prepared_dir, train={"max_steps": 2, "eval_every": 0})
+def test_resume_errors(debug_config, tmp_path):
+    cfg = debug_config(train={"max_steps": 2, "eval_every": 0})
     with pytest.raises(CheckpointError, match="does not exist"):
         pretrain(cfg, tmp_path / "nope", resume=True)
     pretrain(cfg, tmp_path / "run")
     with pytest.raises(CheckpointError, match="already has checkpoints"):
         pretrain(cfg, tmp_path / "run")
-    other_model = debug_config(prepared_dir, train={"max_steps": 4}, model={"family": "gpt2"})
+    other_model = debug_config(train={"max_steps": 4}, model={"family": "gpt2"})
     with pytest.raises(ConfigError, match="section 'model' differs"):
         pretrain(other_model, tmp_path / "run", resume=True)
 
 
-def test_corrupt_latest_checkpoint_falls_back_with_warning(prepared_dir, tmp_path):
-    cfg = debug_config(prepared_dir, train={"max_steps": 4, "eval_every": 0}, checkpoint={"every_steps": 2})
+def test_corrupt_latest_checkpoint_falls_back_with_warning(debug_config, tmp_path):
+    cfg = debug_config(train={"max_steps": 4, "eval_every": 0}, checkpoint={"every_steps": 2})
     pretrain(cfg, tmp_path / "run")
     newest = latest_checkpoint(tmp_path / "run")
     weights = next((newest / "model").glob("*.safetensors"))
@@ -99,14 +96,14 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(prepared_dir, tmp_pat
         assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
 
 
-def test_tokenizer_larger_than_model_vocab_is_refused(prepared_dir, tmp_path):
-    cfg = debug_config(prepared_dir, model={"vocab_size": 128})
+def test_tokenizer_larger_than_model_vocab_is_refused(debug_config, tmp_path):
+    cfg = debug_config(model={"vocab_size": 128})
     with pytest.raises(ConfigError, match="tokenizer has 512 tokens"):
         pretrain(cfg, tmp_path / "run")
 
 
-def test_metrics_are_json_lines(prepared_dir, tmp_path):
-    cfg = debug_config(prepared_dir, train={"max_steps": 3, "eval_every": 0}, logging={"log_every": 2})
+def test_metrics_are_json_lines(debug_config, tmp_path):
+    cfg = debug_config(train={"max_steps": 3, "eval_every": 0}, logging={"log_every": 2})
     pretrain(cfg, tmp_path / "run")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]

@@ -40,9 +40,9 @@ def ensure_data(cfg: DataConfig, run_dir: Path, seed: int) -> Path:
     data_dir = Path(cfg.dir) if cfg.dir else run_dir / "data"
     if (data_dir / "manifest.json").is_file():
         manifest = load_manifest(data_dir)
-        if cfg.tokenizer is None and manifest["vocab_size"] != cfg.vocab_size:
+        if cfg.tokenizer is None and manifest["requested_vocab_size"] != cfg.vocab_size:
             raise ConfigError(
-                f"data directory {data_dir} was prepared with vocab_size {manifest['vocab_size']}, "
+                f"data directory {data_dir} was prepared with vocab_size {manifest['requested_vocab_size']}, "
                 f"config key 'data.vocab_size' is {cfg.vocab_size}: use another data.dir"
             )
         return data_dir
