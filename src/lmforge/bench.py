@@ -7,11 +7,13 @@ and the optimizer step, the part lmforge's own code decides.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from lmforge.config import OptimConfig
+from lmforge.errors import ConfigError
 from lmforge.models import build_model, model_config
 from lmforge.runtime import (
     autocast,
@@ -26,23 +28,40 @@ from lmforge.train.optim import build_optimizer
 
 
 def bench(
-    family: str = "gpt2",
+    family: Literal["llama", "gpt2"] = "gpt2",
     flavor: str = "124m",
     batch_size: int = 8,
     seq_len: int = 1024,
     steps: int = 20,
     warmup: int = 5,
-    precision: str = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     compile: bool | None = None,
     device: str = "auto",
     seed: int = 0,
 ) -> dict:
-    """Train `steps` timed steps (after `warmup` untimed ones) and report the figures."""
+    """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms.
+
+    Args:
+        family: llama or gpt2.
+        flavor: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
+        batch_size: Sequences per step.
+        seq_len: Tokens per sequence.
+        steps: Timed steps.
+        warmup: Untimed steps first (compilation, allocator warm-up).
+        precision: auto, fp32, bf16 or fp16.
+        compile: torch.compile the model (default: on for CUDA).
+        device: auto, cpu, cuda or cuda:N.
+        seed: Seed of the weights and the random tokens.
+    """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     configure_backends(dev)
     torch.manual_seed(seed)
-    model = build_model(model_config(family, flavor, max_seq_len=seq_len), dev)
+    try:
+        model_cfg = model_config(family, flavor, max_seq_len=seq_len)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    model = build_model(model_cfg, dev)
     optimizer = build_optimizer(model, OptimConfig(), dev.type)
     use_compile = compile if compile is not None else dev.type == "cuda"
     train_model = torch.compile(model) if use_compile else model

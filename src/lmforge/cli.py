@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lmforge.bench import bench
 from lmforge.config import RunConfig, explain_parse_error, namespace_to_config
 from lmforge.errors import ConfigError, LmforgeError
 
@@ -127,35 +128,6 @@ def evaluate(run: str, batches: int = 50, batch_size: int = 8, device: str = "au
     print(json.dumps({"checkpoint": str(ckpt_dir), **result}))
 
 
-def bench(
-    family: str = "gpt2",
-    flavor: str = "124m",
-    batch_size: int = 8,
-    seq_len: int = 1024,
-    steps: int = 20,
-    warmup: int = 5,
-    precision: str = "auto",
-    compile: bool | None = None,
-    device: str = "auto",
-) -> None:
-    """Train on random tokens and print one JSON line: tokens_per_sec, mfu, peak_mem_gib, step_ms.
-
-    Args:
-        family: llama or gpt2.
-        flavor: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
-        batch_size: Sequences per step.
-        seq_len: Tokens per sequence.
-        steps: Timed steps.
-        warmup: Untimed steps first (compilation, allocator warm-up).
-        precision: auto, fp32, bf16 or fp16.
-        compile: torch.compile the model (default: on for CUDA).
-        device: auto, cpu, cuda or cuda:N.
-    """
-    from lmforge.bench import bench as run
-
-    print(json.dumps(run(family, flavor, batch_size, seq_len, steps, warmup, precision, compile, device)))
-
-
 def pretrain(config: RunConfig, out: str, resume: bool = False) -> None:
     from lmforge.train.pretrain import pretrain as run
 
@@ -206,7 +178,7 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand(
         "eval", _function_parser(evaluate, positional=True), help="Validation loss/perplexity."
     )
-    commands.add_subcommand("bench", _function_parser(bench), help="Throughput on random tokens.")
+    commands.add_subcommand("bench", _function_parser(bench), help="Throughput on random tokens (one JSON line).")
     return parser
 
 
@@ -246,7 +218,9 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
     functions = {"quickstart": quickstart, "generate": generate, "eval": evaluate, "bench": bench}
     kwargs = sub.as_dict()
     kwargs.pop("config", None)
-    functions[command](**kwargs)
+    result = functions[command](**kwargs)
+    if command == "bench":
+        print(json.dumps(result))
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
