@@ -1,7 +1,7 @@
 """lmforge: train language models efficiently, end to end.
 
-    model, tokenizer = lmforge.load("runs/quickstart")   # a run or checkpoint directory
-    logits = model(ids)                                   # (batch, seq) -> (batch, seq, vocab)
+model, tokenizer = lmforge.load("runs/quickstart")   # a run or checkpoint directory
+logits = model(ids)                                   # (batch, seq) -> (batch, seq, vocab)
 """
 
 from lmforge.api import load

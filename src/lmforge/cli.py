@@ -178,7 +178,9 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand(
         "eval", _function_parser(evaluate, positional=True), help="Validation loss/perplexity."
     )
-    commands.add_subcommand("bench", _function_parser(bench), help="Throughput on random tokens (one JSON line).")
+    commands.add_subcommand(
+        "bench", _function_parser(bench), help="Throughput on random tokens (one JSON line)."
+    )
     return parser
 
 
