@@ -8,6 +8,7 @@ one line on stderr and exit code 2; only a bug in lmforge shows a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -132,7 +133,8 @@ def pretrain(config: RunConfig, out: str, resume: bool = False) -> None:
     from lmforge.train.pretrain import pretrain as run
 
     result = run(config, out, resume)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+        print(json.dumps(result))
 
 
 PRETRAIN_HELP = (

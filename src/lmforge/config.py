@@ -223,6 +223,43 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the job is spread over processes (torchrun); the product of the four degrees is the world size.
+
+    Args:
+        dp_replicate: Data-parallel replicas (DDP when dp_shard is 1; HSDP's replicate dimension otherwise).
+        dp_shard: Fully sharded data parallel (FSDP2) degree; -1: whatever the other degrees leave of the world size.
+        tp: Tensor-parallel degree (attention heads and MLP split over ranks).
+        pp: Pipeline-parallel degree (layers split into stages).
+        pp_schedule: gpipe, 1f1b or interleaved_1f1b.
+        pp_microbatches: Micro-batches per pipeline step (default: pp).
+        sequence_parallel: With tp > 1, run norms sequence-parallel.
+        fsdp_reshard_after_forward: Free gathered parameters after forward (less memory, one more all-gather in backward).
+        fsdp_cpu_offload: Keep sharded parameters, gradients and optimizer state in CPU memory.
+        fsdp_reduce_dtype: Gradient reduce-scatter precision under FSDP with bf16 compute.
+        timeout_s: Collective timeout: a rank that stops answering ends the job after this long.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int | None = None
+    sequence_parallel: bool = True
+    fsdp_reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        for key in ("dp_replicate", "tp", "pp"):
+            _require(getattr(self, key) >= 1, f"parallel.{key}", ">= 1", getattr(self, key))
+        _require(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", ">= 1 or -1", self.dp_shard)
+        _require(self.timeout_s > 0, "parallel.timeout_s", "> 0", self.timeout_s)
+
+
+@dataclass
 class RunConfig:
     """Everything needed to rebuild a run."""
 
@@ -233,6 +270,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         tokens_per_micro_batch = self.train.micro_batch_size * self.data.seq_len

@@ -59,8 +59,8 @@ def test_parameter_names_and_tied_head() -> None:
     assert list(model.state_dict()) == expected
     assert model.lm_head.weight is model.wte.weight
     # nn.Linear layout (out, in), not Hugging Face's Conv1D (in, out).
-    assert model.h[0].attn.c_attn.weight.shape == (3 * 64, 64)
-    assert model.h[0].mlp.c_fc.weight.shape == (4 * 64, 64)
+    assert model.h["0"].attn.c_attn.weight.shape == (3 * 64, 64)
+    assert model.h["0"].mlp.c_fc.weight.shape == (4 * 64, 64)
 
 
 def test_tied_head_trains_as_one_matrix() -> None:
@@ -108,8 +108,9 @@ def _reference_forward(model: GPT2, idx: torch.Tensor) -> torch.Tensor:
 
     future = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
     x = model.wte.weight[idx] + model.wpe.weight[:T]
-    for block in model.h:
-        q, k, v = linear(layer_norm(x, block.ln_1), block.attn.c_attn).view(B, T, 3, H, hd).unbind(2)
+    for block in model.h.values():
+        # c_attn's rows are interleaved per head: (H, 3, hd), see the model's docstring.
+        q, k, v = linear(layer_norm(x, block.ln_1), block.attn.c_attn).view(B, T, H, 3, hd).unbind(3)
         scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd) + future
         out = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, H * hd)
         x = x + linear(out, block.attn.c_proj)

@@ -123,7 +123,7 @@ def _reference_forward(model: Llama, idx: torch.Tensor) -> torch.Tensor:
 
     future = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
     h = model.tok_embeddings.weight[idx]
-    for layer in model.layers:
+    for layer in model.layers.values():
         attn, ffn = layer.attention, layer.feed_forward
         x = rms_norm(h, layer.attention_norm.weight)
         q = rope((x @ attn.wq.weight.T).view(B, T, H, hd))

@@ -26,7 +26,18 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import RunConfig, config_sha256, save_config
 from lmforge.errors import CheckpointError
@@ -43,59 +54,67 @@ def checkpoint_name(step: int) -> str:
 # ---------------------------------------------------------------------------- tensors via DCP
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
-    return dcp
+
+def _is_writer() -> bool:
+    """Rank 0 writes what is not sharded (JSON, config, manifest) and renames the directory."""
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    dcp = _dcp()
+    """Every rank writes its shards; they are then consolidated into whole safetensors files."""
     with warnings.catch_warnings():
         # DCP warns that it runs without a process group: in one process that is what we want.
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(directory)), no_dist=True)
+        if _distributed():
+            writer = dcp.HuggingFaceStorageWriter(
+                str(directory), save_distributed=True, enable_consolidation=True
+            )
+            dcp.save(tensors, storage_writer=writer)
+        else:
+            dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(directory)), no_dist=True)
+    _barrier()
+    if _is_writer():
+        # The per-rank shards were consolidated into whole tensors above; a resumed run of any
+        # layout reads its slices from those.
+        shutil.rmtree(directory / "sharded", ignore_errors=True)
 
 
 def _load_tensors(template: dict[str, torch.Tensor], directory: Path) -> None:
-    """Fill `template` in place from the safetensors files under `directory`."""
-    dcp = _dcp()
+    """Fill `template` in place (plain tensors or this rank's DTensor shards) from `directory`."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(template, storage_reader=dcp.HuggingFaceStorageReader(str(directory)), no_dist=True)
+        reader = dcp.HuggingFaceStorageReader(str(directory))
+        dcp.load(template, storage_reader=reader, no_dist=not _distributed())
 
 
-def _tensor_headers(directory: Path) -> dict[str, tuple[list[int], torch.dtype]]:
-    """Name → (shape, dtype) of every tensor in the safetensors files of `directory`, headers only."""
-    from safetensors import safe_open
-
+def _tensor_headers(directory: Path) -> dict[str, list[int]]:
+    """Name → shape of every tensor in the safetensors files of `directory`, from the headers only."""
     headers = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                piece = f.get_slice(key)
-                headers[key] = (piece.get_shape(), _SAFETENSORS_DTYPES[piece.get_dtype()])
+                headers[key] = f.get_slice(key).get_shape()
     return headers
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names under which an already-named parameter appears again (e.g. gpt2's lm_head.weight)."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
 
 
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights by name; a tied weight is stored once, under its first name."""
-    seen: set[tuple] = set()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if where in seen:
-            continue
-        seen.add(where)
-        state[name] = tensor
-    return state
+    """Weights by name (DTensor shards under FSDP/TP); a tied weight is stored once, under its first name."""
+    tied = _tied_names(model)
+    return {name: t for name, t in get_model_state_dict(model).items() if name not in tied}
 
 
 def load_model_weights(model: nn.Module, weights_dir: Path) -> None:
@@ -105,12 +124,15 @@ def load_model_weights(model: nn.Module, weights_dir: Path) -> None:
     for name, tensor in template.items():
         if name not in headers:
             raise CheckpointError(f"checkpoint {weights_dir} has no tensor '{name}'")
-        shape, _ = headers[name]
-        if list(tensor.shape) != list(shape):
+        if list(tensor.shape) != list(headers[name]):
             raise CheckpointError(
-                f"checkpoint {weights_dir}: tensor '{name}' has shape {list(shape)}, the model expects {list(tensor.shape)}"
+                f"checkpoint {weights_dir}: tensor '{name}' has shape {list(headers[name])}, "
+                f"the model expects {list(tensor.shape)}"
             )
     _load_tensors(template, weights_dir)
+    set_model_state_dict(model, template, options=StateDictOptions(strict=False))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 # ---------------------------------------------------------------------------- save
@@ -156,18 +178,31 @@ def set_rng_state(state: dict) -> None:
 
 
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(flat tensors, JSON-able rest) of the optimizer state, keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    """(flat tensors, JSON-able rest) of the optimizer state, keyed by parameter name.
 
+    get_optimizer_state_dict initialises a fresh optimizer's state, so the same call gives the
+    template that a checkpoint is loaded into.
+    """
     state = get_optimizer_state_dict(model, optimizer)
     tensors, scalars = {}, {}
     for fqn, param_state in state["state"].items():
         for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{fqn}.{key}"] = value
+            name = f"state.{fqn}.{key}"
+            if isinstance(value, torch.Tensor) and value.ndim == 0 and not isinstance(value, DTensor):
+                # 0-d tensors (Adam's `step`) go to JSON: DCP's consolidation of replicated 0-d
+                # tensors across ranks writes zeros (seen with torch 2.13, gloo).
+                scalars[name] = {"tensor": value.item(), "dtype": str(value.dtype).removeprefix("torch.")}
+            elif isinstance(value, torch.Tensor):
+                tensors[name] = value
             else:
-                scalars[f"state.{fqn}.{key}"] = value
+                scalars[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _from_json(value):
+    if isinstance(value, dict) and "tensor" in value:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+    return value
 
 
 def save_checkpoint(
@@ -182,39 +217,46 @@ def save_checkpoint(
 ) -> Path:
     """Write `run_dir/checkpoints/step_N` atomically and keep the newest `keep_last`."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash mid-save; it was never valid
-    tmp.mkdir()
+    if _is_writer():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash mid-save; it was never valid
+        tmp.mkdir()
+    _barrier()
 
     _save_tensors(model_state_dict(model), tmp / "model")
     optim_tensors, optim_rest = _optimizer_state(model, optimizer)
     _save_tensors(optim_tensors, tmp / "optimizer")
-    state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": optim_rest}
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-    save_config(cfg, tmp / "config.yaml")
-    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-
-    files = {
-        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file()
-    }
-    manifest = {"format": FORMAT_VERSION, "step": step, "config_sha256": config_sha256(cfg), "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync_tree(tmp)
-
-    if final.exists():  # the same step written again (a run resumed at its last step)
-        old = root / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _prune(root, keep_last)
+    if _is_writer():
+        state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": optim_rest}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        save_config(cfg, tmp / "config.yaml")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        files = {
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "config_sha256": config_sha256(cfg),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step written again (a run resumed at its last step)
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _prune(root, keep_last)
+    _barrier()
     return final
 
 
@@ -308,21 +350,22 @@ def load_trainer_state(ckpt_dir: Path) -> dict:
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model and optimizer in place; return the trainer state (step, loader, ...)."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
+    """Restore model and optimizer in place (under any layout); return the trainer state."""
     state = load_trainer_state(ckpt_dir)
     load_model_weights(model, ckpt_dir / "model")
 
-    headers = _tensor_headers(ckpt_dir / "optimizer")
-    flat = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in headers.items()}
+    flat, _ = _optimizer_state(model, optimizer)  # this layout's template
+    missing = sorted(set(flat) - set(_tensor_headers(ckpt_dir / "optimizer")))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir / 'optimizer'} lacks tensor '{missing[0]}' (another optimizer?)"
+        )
     if flat:
         _load_tensors(flat, ckpt_dir / "optimizer")
-    flat.update(state["optimizer"]["scalars"])
     per_param: dict[str, dict] = {}
-    for key, value in flat.items():
+    for key, value in [*flat.items(), *state["optimizer"]["scalars"].items()]:
         fqn, name = key.removeprefix("state.").rsplit(".", 1)
-        per_param.setdefault(fqn, {})[name] = value
+        per_param.setdefault(fqn, {})[name] = _from_json(value)
     groups = state["optimizer"]["param_groups"]
     for group in groups:  # JSON turned tuples into lists
         for key, value in group.items():

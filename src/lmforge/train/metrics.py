@@ -27,10 +27,16 @@ def read_metrics(path: Path) -> list[dict]:
 class MetricsLogger:
     """Fans each record out to metrics.jsonl, TensorBoard and the progress bar."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, max_steps: int, start_step: int) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: LoggingConfig, max_steps: int, start_step: int, enabled: bool = True
+    ):
+        """enabled=False (ranks other than 0 of a distributed run): every method does nothing."""
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
         self.cfg = cfg
+        self.enabled = enabled
+        if not enabled:
+            return
         # A resumed run drops what was logged after its checkpoint: those steps are run again.
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -50,6 +56,8 @@ class MetricsLogger:
         )
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -59,6 +67,8 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{group}/{key}", value, record["step"])
 
     def log_train(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self.write(record)
         postfix = {
             "loss": f"{record['loss']:.4f}",
@@ -70,6 +80,8 @@ class MetricsLogger:
         self.bar.set_postfix(postfix, refresh=False)
 
     def log_eval(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self.write(record)
         self.print(
             f"step {record['step']}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
@@ -77,15 +89,21 @@ class MetricsLogger:
 
     def print(self, text: str) -> None:
         """Print above the progress bar without breaking it."""
+        if not self.enabled:
+            return
         if self.cfg.progress:
             self.bar.write(text)
         else:
             print(text, flush=True)
 
     def advance(self) -> None:
+        if not self.enabled:
+            return
         self.bar.update(1)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.file.close()
         if self.tb is not None:

@@ -11,16 +11,28 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import DataConfig, ModelConfig, RunConfig, load_config, save_config, to_dict
 from lmforge.data.loader import BatchLoader, val_batches
 from lmforge.data.prepare import load_manifest, prepare_data
 from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.evaluate.perplexity import evaluate_loss
 from lmforge.infer.generate import complete
 from lmforge.models import build_model, model_config
+from lmforge.parallel.apply import gradient_sync, parallelize, validate_layout
+from lmforge.parallel.mesh import (
+    ParallelDims,
+    build_mesh,
+    dp_rank,
+    init_distributed,
+    local_device,
+    resolve_dims,
+    world_size_from_env,
+)
 from lmforge.runtime import (
     autocast,
     configure_backends,
@@ -81,64 +93,131 @@ def check_resume_compatible(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> 
             )
 
 
-def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
-    """Train and return the last evaluation ({"step", "val_loss", "val_ppl"})."""
-    run_dir = Path(out)
-    ckpt_dir = None
+def _on_rank0(fn, *args):
+    """Run fn on rank 0 only (file writes, data preparation); the others wait, and raise its error too."""
+    if not dist.is_initialized():
+        return fn(*args)
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn(*args)
+        except LmforgeError as err:
+            error[0] = str(err)
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise LmforgeError(error[0] if dist.get_rank() == 0 else f"rank 0 failed: {error[0]}")
+
+
+def _global_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over all ranks (gloo has no AVG reduction, so sum and divide)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (the grad norm under FSDP/TP), else the tensor itself."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _check_start(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite or to resume nothing."""
     if resume:
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
         ckpt_dir = latest_checkpoint(run_dir)
         check_resume_compatible(load_config(ckpt_dir / "config.yaml"), cfg, run_dir)
-    elif list_checkpoints(run_dir):
+        return ckpt_dir
+    if list_checkpoints(run_dir):
         raise CheckpointError(
             f"run directory {run_dir} already has checkpoints: pass --resume, or choose another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
 
-    device = resolve_device(cfg.train.device)
+
+def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
+    """Train and return the last evaluation ({"step", "val_loss", "val_ppl"}).
+
+    Under torchrun every process calls this; the layout comes from `cfg.parallel`.
+    """
+    run_dir = Path(out)
+    world_size = world_size_from_env()
+    dims = resolve_dims(cfg.parallel, world_size)
+    device = local_device(resolve_device(cfg.train.device))
+    if dims.distributed:
+        init_distributed(device, cfg.parallel.timeout_s)
+    try:
+        return _pretrain(cfg, run_dir, resume, dims, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, device: torch.device) -> dict:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ckpt_dir = _check_start(run_dir, cfg, resume)
     dtype = resolve_precision(cfg.train.precision, device)
     configure_backends(device)
-    torch.manual_seed(cfg.train.seed)
+    mesh = build_mesh(dims, device) if dims.distributed else None
+    seq_len, micro_batch = cfg.data.seq_len, cfg.train.micro_batch_size
+    global_tokens = cfg.train.global_batch_tokens or micro_batch * seq_len * dims.dp
+    if global_tokens % (micro_batch * seq_len * dims.dp):
+        raise ConfigError(
+            f"config key 'train.global_batch_tokens' ({global_tokens}) must be a multiple of "
+            f"micro_batch_size * seq_len * data-parallel degree = {micro_batch * seq_len * dims.dp}"
+        )
+    accum_steps = global_tokens // (micro_batch * seq_len * dims.dp)
 
-    data_dir = ensure_data(cfg.data, run_dir, cfg.train.seed)
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
     tokenizer_path = run_dir / "tokenizer.json"
-    if tokenizer_path.resolve() != (data_dir / "tokenizer.json").resolve():
-        shutil.copyfile(data_dir / "tokenizer.json", tokenizer_path)
+
+    def prepare_run_dir() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_data(cfg.data, run_dir, cfg.train.seed)
+        if tokenizer_path.resolve() != (data_dir / "tokenizer.json").resolve():
+            shutil.copyfile(data_dir / "tokenizer.json", tokenizer_path)
+
+    _on_rank0(prepare_run_dir)
     tokenizer = load_tokenizer(tokenizer_path)
-    model = build_model(run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size()), device)
+    model_cfg = run_model_config(cfg.model, seq_len, tokenizer.get_vocab_size())
+    if dims.distributed:
+        validate_layout(model_cfg, dims, cfg.parallel)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every layout
+    model = build_model(model_cfg, device)
+    step_module = parallelize(model, dims, mesh, cfg.parallel, device, dtype) if dims.distributed else model
     optimizer = build_optimizer(model, cfg.optim, device.type)
 
-    seq_len, micro_batch = cfg.data.seq_len, cfg.train.micro_batch_size
-    loader = BatchLoader(data_dir, "train", micro_batch, seq_len, seed=cfg.train.seed)
+    dp_rank_index = dp_rank(mesh, dims) if mesh is not None else 0
+    loader = BatchLoader(data_dir, "train", micro_batch, seq_len, cfg.train.seed, dp_rank_index, dims.dp)
     step = 0
     if ckpt_dir is not None:
         state = load_checkpoint(ckpt_dir, model, optimizer)
         step = state["step"]
         loader.load_state_dict(state["loader"])
-    save_config(cfg, run_dir / "config.yaml")
+    _on_rank0(save_config, cfg, run_dir / "config.yaml")
 
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-    train_model = torch.compile(model) if use_compile else model
+    train_model = torch.compile(step_module) if use_compile else step_module
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    accum_steps = (cfg.train.global_batch_tokens or micro_batch * seq_len) // (micro_batch * seq_len)
-    tokens_per_step = accum_steps * micro_batch * seq_len
     flops_per_token = model.flops_per_token(seq_len)
     peak, _ = peak_flops(device)
     total_steps, max_steps = cfg.schedule_steps, cfg.train.max_steps
     val_data = val_batches(data_dir, micro_batch, seq_len, cfg.train.eval_batches)
-    log = MetricsLogger(run_dir, cfg.logging, max_steps, step)
+    log = MetricsLogger(run_dir, cfg.logging, max_steps, step, enabled=rank == 0)
     log.print(
         f"model {cfg.model.family}-{cfg.model.flavor}: {model.num_params() / 1e6:.2f}M params, "
-        f"{device.type} {str(dtype).removeprefix('torch.')}, compile={use_compile}, "
-        f"{tokens_per_step:,} tokens/step ({accum_steps} micro-batches), run directory {run_dir}"
+        f"{device.type} {str(dtype).removeprefix('torch.')}, compile={use_compile}, layout {dims}, "
+        f"{global_tokens:,} tokens/step ({accum_steps} micro-batches per rank), run directory {run_dir}"
     )
 
     def evaluate(at_step: int) -> dict:
+        # Every rank evaluates the same batches (FSDP needs all ranks in each forward).
         record = {"step": at_step, **evaluate_loss(model, val_data, device, dtype)}
         record.pop("val_tokens")
         log.log_eval(record)
-        if cfg.train.sample_tokens > 0:
+        if cfg.train.sample_tokens > 0 and dims.tp == 1:
             text = complete(
                 model, tokenizer, "def ", cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=at_step
             )
@@ -157,12 +236,13 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for _ in range(accum_steps):
+        for micro_step in range(accum_steps):
             inputs, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
-            with autocast(device, dtype):
-                logits = train_model(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum_steps
-            scaler.scale(loss).backward()
+            with gradient_sync(step_module, enabled=micro_step == accum_steps - 1):
+                with autocast(device, dtype):
+                    logits = train_model(inputs)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum_steps
+                scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -174,17 +254,18 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
         log.advance()
 
         if step % cfg.logging.log_every == 0 or step == max_steps:
-            # The only host sync of the loop: .item() on logging steps, never on the others.
+            # The only host syncs of the loop: .item() on logging steps, never on the others.
+            loss_value, grad_norm_value = _global_mean(loss_sum).item(), _full(grad_norm).item()
             synchronize(device)
             now = time.perf_counter()
-            tokens_per_sec = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+            tokens_per_sec = global_tokens * (step - last_log_step) / (now - last_log_time)
             log.log_train({
                 "step": step,
-                "loss": loss_sum.item(),
+                "loss": loss_value,
                 "lr": lr,
-                "grad_norm": grad_norm.item(),
+                "grad_norm": grad_norm_value,
                 "tokens_per_sec": tokens_per_sec,
-                "mfu": flops_per_token * tokens_per_sec / peak if peak else None,
+                "mfu": flops_per_token * tokens_per_sec / (peak * dims.world_size) if peak else None,
                 "elapsed_s": now - started,
             })  # fmt: skip
             last_log_time, last_log_step = now, step

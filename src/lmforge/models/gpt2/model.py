@@ -5,6 +5,11 @@ Parameter names follow the GPT-2 checkpoints (`wte`, `h.{i}.attn.c_attn`, ...), 
 use nn.Linear's (out_features, in_features) layout; OpenAI/Hugging Face checkpoints store them as
 Conv1D (in, out), so a converter transposes c_attn, c_proj and c_fc.
 
+c_attn's output rows are interleaved per head, (n_heads, 3, head_dim): head 0's q, k, v rows, then
+head 1's, ... (not GPT-2's [q; k; v] blocks), so that a contiguous block of rows is a set of whole
+heads and tensor parallelism can split c_attn by rows. A Hugging Face / OpenAI converter must
+permute c_attn's rows (and bias): ours = theirs.view(3, n_heads, head_dim, dim).transpose(0, 1).
+
 References: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2);
 Brown et al. 2020, "Language Models are Few-Shot Learners" (GPT-3 sizes).
 
@@ -77,17 +82,17 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.bias)  # rows: [q; k; v]
+        # Rows (n_heads, 3, head_dim): per head its q, k, v rows (see the module docstring).
+        self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None  # set by GPT2.setup_kv_cache for generation
 
     def forward(self, x: Tensor, input_pos: Tensor | None) -> Tensor:
-        B, T, C = x.shape  # x: (B, T, dim)
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, dim)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        B, T, _ = x.shape  # x: (B, T, dim)
+        # -1 heads: on a tensor-parallel shard c_attn yields only this rank's (whole) heads.
+        qkv = self.c_attn(x).view(B, T, -1, 3, self.head_dim)  # (B, T, n_heads, 3, head_dim)
+        q, k, v = qkv.transpose(1, 2).unbind(3)  # 3 x (B, n_heads, T, head_dim)
 
         if self.kv_cache is None:
             # Training / full-sequence path: is_causal lets PyTorch pick flash attention on GPU.
@@ -99,7 +104,7 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_heads, S_max, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.kv_cache.causal_mask(input_pos))
         # y: (B, n_heads, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
         return self.resid_dropout(self.c_proj(y))  # (B, T, dim)
 
     def init_weights(self, out_std: float) -> None:
@@ -169,7 +174,10 @@ class GPT2(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)  # token embeddings
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim)  # learned position embeddings
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # A dict keyed "0".."n_layers-1", not a list: a pipeline stage deletes the blocks it does not
+        # run and the rest keep their names (h.3.attn.c_attn.weight on every stage), so checkpoints
+        # do not depend on the layout. Iterate with .values().
+        self.h = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -196,7 +204,7 @@ class GPT2(nn.Module):
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
         nn.init.normal_(self.wpe.weight, mean=0.0, std=0.02)
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for block in self.h:
+        for block in self.h.values():
             block.init_weights(out_std)
         self.ln_f.reset_parameters()
 
@@ -205,17 +213,25 @@ class GPT2(nn.Module):
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
         set up (prefill: arange(0, T); decode: tensor([t])). Without a cache it defaults to 0..T-1.
+
+        A pipeline stage (lmforge.parallel.pipeline) has wte and wpe, or ln_f and lm_head, set to
+        None where another stage runs them: without wte idx is the previous stage's hidden state
+        (B, T, dim); without ln_f and lm_head the hidden state (B, T, dim) is returned.
         """
         seq_len = idx.size(1)  # T
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {seq_len} exceeds GPT2Config.max_seq_len={self.cfg.max_seq_len}"
             )
-        positions = torch.arange(seq_len, device=idx.device) if input_pos is None else input_pos  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, dim) + (T, dim) -> (B, T, dim)
-        for block in self.h:
+        if self.wte is not None:
+            positions = torch.arange(seq_len, device=idx.device) if input_pos is None else input_pos  # (T,)
+            x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, dim) + (T, dim) -> (B, T, dim)
+        else:
+            x = idx  # (B, T, dim)
+        for block in self.h.values():
             x = block(x, input_pos)  # (B, T, dim)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        x = self.ln_f(x) if self.ln_f is not None else x
+        return self.lm_head(x) if self.lm_head is not None else x  # (B, T, vocab_size) or (B, T, dim)
 
     def setup_kv_cache(
         self,
@@ -236,14 +252,14 @@ class GPT2(nn.Module):
             )
         dtype = self.lm_head.weight.dtype if dtype is None else dtype
         device = self.lm_head.weight.device if device is None else device
-        for block in self.h:
+        for block in self.h.values():
             block.attn.kv_cache = KVCache(
                 batch_size, self.cfg.n_heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
             )
 
     def clear_kv_cache(self) -> None:
         """Drop the KV caches: forward is full causal attention again (training behaviour)."""
-        for block in self.h:
+        for block in self.h.values():
             block.attn.kv_cache = None
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

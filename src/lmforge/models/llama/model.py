@@ -155,10 +155,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         assert cfg.n_kv_heads is not None  # set by LlamaConfig.__post_init__
+        # Global head counts. forward() reshapes with -1 and derives the GQA repeat factor from the
+        # tensors instead, so it also runs on the local heads of a tensor-parallel shard (wq/wk/wv
+        # split by output rows = by whole heads, see lmforge.parallel.tensor).
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
-        self.n_rep = cfg.n_heads // cfg.n_kv_heads
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -167,24 +169,25 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, input_pos: Tensor | None) -> Tensor:
         B, T, _ = x.shape  # x: (B, T, dim)
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        n_rep = q.size(2) // k.size(2)  # query heads per kv head; the same on a TP shard
         q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
 
         if self.kv_cache is None:
             # Training / full-sequence path: is_causal lets PyTorch pick flash attention on GPU.
-            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, n_heads, T, head_dim)
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, T, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Generation path: the queries sit at absolute positions input_pos and attend over the
             # whole preallocated cache; the mask hides future and not-yet-written slots.
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S_max, head_dim)
-            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, n_heads, S_max, head_dim)
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S_max, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.kv_cache.causal_mask(input_pos))
         # y: (B, n_heads, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
         return self.wo(y)  # (B, T, dim)
 
     def init_weights(self, out_std: float) -> None:
@@ -255,7 +258,10 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        # A dict keyed "0".."n_layers-1", not a list: a pipeline stage deletes the layers it does not
+        # run and the rest keep their names (layers.3.attention.wq.weight on every stage), so
+        # checkpoints do not depend on the layout. Iterate with .values().
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -293,7 +299,7 @@ class Llama(nn.Module):
         )
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=0.02)
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.init_weights(out_std)
         self.norm.init_weights()
         if not self.cfg.tie_embeddings:
@@ -304,6 +310,10 @@ class Llama(nn.Module):
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
         set up (prefill: arange(0, T); decode: tensor([t])). Without a cache it defaults to 0..T-1.
+
+        A pipeline stage (lmforge.parallel.pipeline) has tok_embeddings, norm and output set to None
+        where another stage runs them: without tok_embeddings idx is the previous stage's hidden
+        state (B, T, dim); without norm and output the hidden state (B, T, dim) is returned.
         """
         seq_len = idx.size(1)  # T
         if seq_len > self.cfg.max_seq_len:
@@ -312,10 +322,11 @@ class Llama(nn.Module):
             )
         positions = torch.arange(seq_len, device=idx.device) if input_pos is None else input_pos  # (T,)
         rope_cos, rope_sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, head_dim // 2)
-        h = self.tok_embeddings(idx)  # (B, T, dim)
-        for layer in self.layers:
+        h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, dim)
+        for layer in self.layers.values():
             h = layer(h, rope_cos, rope_sin, input_pos)  # (B, T, dim)
-        return self.output(self.norm(h))  # (B, T, vocab_size)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h  # (B, T, vocab_size) or (B, T, dim)
 
     def setup_kv_cache(
         self,
@@ -337,14 +348,14 @@ class Llama(nn.Module):
         assert self.cfg.n_kv_heads is not None
         dtype = self.output.weight.dtype if dtype is None else dtype
         device = self.output.weight.device if device is None else device
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.attention.kv_cache = KVCache(
                 batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
             )
 
     def clear_kv_cache(self) -> None:
         """Drop the KV caches: forward is full causal attention again (training behaviour)."""
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.attention.kv_cache = None
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -1,0 +1,253 @@
+"""Tensor parallelism (Megatron-LM), optionally with sequence parallelism, applied from outside.
+
+Shoeybi et al. 2019, "Megatron-LM": in each block the first matmul of attention (q, k, v) and of the
+MLP (up, gate) is split by output columns ("colwise") and the second (attention output, MLP down) by
+input rows ("rowwise"). Each rank then computes whole heads and a slice of the MLP hidden units with
+no communication in between, and one all-reduce per sub-block sums the rowwise partial outputs.
+Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (sequence
+parallelism): that all-reduce becomes a reduce-scatter over the sequence dimension, so the norms and
+the residual stream between blocks hold only T / tp positions per rank, and an all-gather brings the
+full sequence back before the next colwise matmul. Same communication volume, 1/tp of the
+activation memory outside the matmuls.
+
+Everything is expressed with PyTorch's DTensor tensor-parallel styles (`parallelize_module` with
+`ColwiseParallel`, `RowwiseParallel`, `SequenceParallel`, `PrepareModuleInput`); the model files only
+reshape attention with `-1` heads so that they run unchanged on a rank's local heads.
+
+What each module gets (act = Shard(1), the sequence dim, with sequence parallelism, else Replicate()):
+
+    token embedding (tok_embeddings / wte)   RowwiseParallel: vocab rows sharded, output in `act`
+    GPT-2 position embedding (wpe)           RowwiseParallel: positions sharded, output Shard(0) of
+                                             (T, dim) with SP (it lines up with the Shard(1) of
+                                             (B, T, dim) token embeddings it is added to), else Replicate
+    norms (RMSNorm / LayerNorm)              SequenceParallel with SP, else replicated (ReplicateParallel)
+    attention / MLP input                    PrepareModuleInput: all-gather `act` -> Replicate (SP only)
+    wq, wk, wv / c_attn; w1, w3 / c_fc       ColwiseParallel: output heads / hidden units sharded
+    wo / attn.c_proj; w2 / mlp.c_proj        RowwiseParallel: output reduced (-scattered) into `act`
+    output head (output / lm_head)           ColwiseParallel, output Replicate: every rank gets the
+                                             full logits as a plain tensor
+    Llama RoPE tables (buffers)              untouched: plain tensors, the same on every rank
+
+Every parameter becomes a DTensor on the TP mesh (sharded, or replicated for norms and rowwise
+biases), so one optimizer, `clip_grad_norm_` and torch.distributed.checkpoint treat them alike.
+Tied embeddings stay tied: the rowwise embedding and the colwise head both shard the (vocab, dim)
+matrix as Shard(0), so after parallelizing the head is pointed at the embedding's DTensor again.
+
+Order (see lmforge.parallel.apply): build the model with its weights materialised and identical on
+every TP rank (same seed, or loaded), then `apply_tensor_parallel`, then FSDP / compile, then create
+the optimizer. The sharded weights are scattered from TP rank 0; SequenceParallel takes the norm
+weights from each rank as they are, hence "identical". Inputs (token ids) must be identical on all
+ranks of a TP group, and with sequence parallelism T must be divisible by tp.
+
+Not supported under TP (yet): generation with a KV cache (the caches are sized for all heads, while
+a rank computes only its own); dropout > 0 gives masks that differ from a single-device run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from lmforge.models.gpt2.model import GPT2, GPT2Config
+from lmforge.models.llama.model import Llama, LlamaConfig
+
+
+def validate_tp(model_cfg: LlamaConfig | GPT2Config, tp: int) -> None:
+    """Raise ValueError, naming the config field, if `tp` cannot split the model evenly.
+
+    Heads must not be split across ranks (n_heads, and Llama's n_kv_heads, divisible by tp); the
+    matmul widths (dim, Llama's ffn_hidden; GPT-2's 4 * dim follows from dim) must split evenly.
+    The vocabulary may split unevenly (DTensor pads the last shard).
+    """
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be a positive int, got {tp!r}")
+    if isinstance(model_cfg, LlamaConfig):
+        fields = ("n_heads", "n_kv_heads", "dim", "ffn_hidden")
+    elif isinstance(model_cfg, GPT2Config):
+        fields = ("n_heads", "dim")
+    else:
+        raise ValueError(f"tensor parallelism has no plan for {type(model_cfg).__name__}")
+    for field in fields:
+        value = getattr(model_cfg, field)
+        if value % tp != 0:
+            raise ValueError(
+                f"{type(model_cfg).__name__}.{field}={value} is not divisible by tp={tp}: "
+                "tensor parallelism splits it evenly across the ranks"
+            )
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
+    """Shard `model` (a Llama or GPT2, weights materialised) in place over the 1-D mesh `tp_mesh`.
+
+    Afterwards every parameter is a DTensor (`param.full_tensor()` gathers one), `model(idx)` takes
+    the full (B, T) token ids on every rank and returns the full logits (B, T, vocab) as a plain
+    tensor, identical on every rank. Create the optimizer after this call.
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim} dims")
+    tp = tp_mesh.size()
+    if isinstance(model, Llama):
+        validate_tp(model.cfg, tp)
+        _parallelize_llama(model, tp_mesh, sequence_parallel)
+    elif isinstance(model, GPT2):
+        validate_tp(model.cfg, tp)
+        _parallelize_gpt2(model, tp_mesh, sequence_parallel)
+    else:
+        raise TypeError(f"tensor parallelism has no plan for {type(model).__name__}")
+    if sequence_parallel:
+        model.register_forward_pre_hook(_require_seq_len_divisible_by(tp))
+
+
+class ReplicateParallel(ParallelStyle):
+    """Replicate a module's parameters as DTensors; the module runs on full, replicated activations.
+
+    For the norms without sequence parallelism: they would run correctly on plain parameters too,
+    but a model with only DTensor parameters works with one foreach optimizer, clip_grad_norm_ and
+    torch.distributed.checkpoint. The parameters are broadcast from rank 0 of the mesh.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module, device_mesh, input_fn=self._replicate_input, output_fn=self._local_output
+        )
+
+    @staticmethod
+    def _replicate_input(module: nn.Module, inputs: tuple[Any, ...], device_mesh: DeviceMesh) -> tuple:
+        x, *rest = inputs
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, device_mesh, (Replicate(),), run_check=False)
+        return (x.redistribute(placements=(Replicate(),)), *rest)
+
+    @staticmethod
+    def _local_output(module: nn.Module, output: DTensor, device_mesh: DeviceMesh) -> Tensor:
+        return output.to_local()
+
+
+def _norm_style(sequence_parallel: bool) -> ParallelStyle:
+    return SequenceParallel() if sequence_parallel else ReplicateParallel()
+
+
+def _gather_input(sequence_parallel: bool, n_other_inputs: int) -> dict[str, ParallelStyle]:
+    """With SP, all-gather a sub-block's first input (its sequence shard) into the full sequence.
+
+    The other positional inputs (RoPE tables, input_pos) pass through untouched. Without SP the
+    input is already replicated and the colwise layers take it as it is.
+    """
+    if not sequence_parallel:
+        return {}
+    others = (None,) * n_other_inputs
+    return {
+        "": PrepareModuleInput(
+            input_layouts=(Shard(1), *others), desired_input_layouts=(Replicate(), *others)
+        )
+    }
+
+
+def _prefixed(prefix: str, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    return {(f"{prefix}.{name}" if name else prefix): style for name, style in plan.items()}
+
+
+def _parallelize_llama(model: Llama, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    act: Placement = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
+    root_plan: dict[str, ParallelStyle] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=act),
+        "norm": _norm_style(sequence_parallel),
+        "output": ColwiseParallel(input_layouts=act, output_layouts=Replicate(), use_local_output=True),
+    }
+    # Modules may be None on a pipeline stage that does not hold them.
+    root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
+    parallelize_module(model, tp_mesh, root_plan)
+    _retie(model, "tok_embeddings", "output", tied=model.cfg.tie_embeddings)
+
+    for _, block in model.layers.named_children():
+        block_plan = {
+            "attention_norm": _norm_style(sequence_parallel),
+            # Attention.forward(x, rope_cos, rope_sin, input_pos): gather x only.
+            **_prefixed("attention", _gather_input(sequence_parallel, n_other_inputs=3)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=act),
+            "ffn_norm": _norm_style(sequence_parallel),
+            **_prefixed("feed_forward", _gather_input(sequence_parallel, n_other_inputs=0)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=act),
+        }
+        parallelize_module(block, tp_mesh, block_plan)
+
+
+def _parallelize_gpt2(model: GPT2, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    act: Placement = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
+    root_plan: dict[str, ParallelStyle] = {
+        "wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=act),
+        # wpe(positions) is (T, dim), added to the (B, T, dim) token embeddings: with SP it must hold
+        # the same sequence chunk, which is Shard(0) of (T, dim).
+        "wpe": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(0) if sequence_parallel else act
+        ),
+        "ln_f": _norm_style(sequence_parallel),
+        "lm_head": ColwiseParallel(input_layouts=act, output_layouts=Replicate(), use_local_output=True),
+    }
+    root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
+    parallelize_module(model, tp_mesh, root_plan)
+    pass  # MUTATION
+
+    for _, block in model.h.named_children():
+        block_plan = {
+            "ln_1": _norm_style(sequence_parallel),
+            # CausalSelfAttention.forward(x, input_pos): gather x only.
+            **_prefixed("attn", _gather_input(sequence_parallel, n_other_inputs=1)),
+            # c_attn's rows are interleaved per head (see the GPT-2 model file), so a contiguous
+            # row shard holds whole heads with their q, k and v. Its bias is sharded the same way.
+            "attn.c_attn": ColwiseParallel(),
+            "attn.c_proj": RowwiseParallel(output_layouts=act),  # bias replicated, added once
+            "ln_2": _norm_style(sequence_parallel),
+            **_prefixed("mlp", _gather_input(sequence_parallel, n_other_inputs=0)),
+            "mlp.c_fc": ColwiseParallel(),
+            "mlp.c_proj": RowwiseParallel(output_layouts=act),
+        }
+        parallelize_module(block, tp_mesh, block_plan)
+
+
+def _retie(model: nn.Module, embedding_name: str, head_name: str, tied: bool) -> None:
+    """Point the output head at the embedding's DTensor again.
+
+    parallelize_module gives each module its own new Parameter, which unties a shared matrix. Both
+    plans shard the (vocab, dim) matrix by vocab rows, Shard(0), so one DTensor serves both uses and
+    its gradient sums both, as on a single device.
+    """
+    embedding, head = getattr(model, embedding_name, None), getattr(model, head_name, None)
+    if not tied or embedding is None or head is None:
+        return
+    if head.weight.placements != embedding.weight.placements:  # a guard should the plans change
+        raise RuntimeError(
+            f"cannot keep {head_name}.weight tied to {embedding_name}.weight under tensor parallelism: "
+            f"placements {head.weight.placements} != {embedding.weight.placements}"
+        )
+    head.weight = embedding.weight
+
+
+def _require_seq_len_divisible_by(tp: int):
+    """A forward pre-hook: sequence parallelism splits T evenly across the tp ranks."""
+
+    def check(module: nn.Module, args: tuple[Any, ...]) -> None:
+        idx = args[0]
+        if isinstance(idx, Tensor) and idx.dim() == 2 and idx.size(1) % tp != 0:
+            raise ValueError(
+                f"sequence parallelism needs the sequence length to be divisible by tp={tp}, "
+                f"got {idx.size(1)}"
+            )
+
+    return check

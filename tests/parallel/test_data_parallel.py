@@ -1,0 +1,99 @@
+"""DDP, FSDP2 and HSDP on CPU with gloo, launched by torchrun exactly as a user would.
+
+Each layout trains the debug model for a few steps on the same global batch as one process; the
+losses must agree within 1e-5 relative, and checkpoints must resume under another layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).parents[2] / "recipes" / "debug.yaml"
+GLOBAL_BATCH = 8  # sequences per optimizer step, in every layout
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def common_args(data_dir: Path, out: Path, nproc: int, *extra: str) -> list[str]:
+    return [
+        "pretrain", "--config", str(RECIPE), "--out", str(out), f"--data.dir={data_dir}",
+        "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
+        "--train.max_steps=6", "--train.eval_every=0", "--train.sample_tokens=0", "--checkpoint.every_steps=3",
+        f"--train.micro_batch_size={GLOBAL_BATCH // nproc}", "--logging.log_every=1", *extra,
+    ]  # fmt: skip
+
+
+def launch(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        command = [sys.executable, "-m", "lmforge", *args]
+    else:
+        # --standalone: a rendezvous on a free localhost port, as for a one-node job.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                   "-m", "lmforge", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=150)
+
+
+def assert_close(got: dict[int, float], want: dict[int, float], steps=None) -> None:
+    steps = steps or sorted(want)
+    for step in steps:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+
+
+@pytest.fixture(scope="module")
+def reference(prepared_dir, tmp_path_factory) -> Path:
+    """One process, the same global batch."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    result = launch(1, common_args(prepared_dir, out, 1), out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "nproc", "layout"),
+    [
+        ("ddp", 2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+        ("fsdp", 2, []),  # dp_shard=-1 takes the whole world
+        ("hsdp", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    ],
+)
+def test_layout_matches_single_process(name, nproc, layout, prepared_dir, reference, tmp_path):
+    out = tmp_path / name
+    result = launch(nproc, common_args(prepared_dir, out, nproc, *layout), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close(losses(out), losses(reference))
+    assert result.stdout.count('"val_loss"') == 1  # one summary line, from rank 0
+
+
+def test_checkpoint_resumes_under_another_layout(prepared_dir, reference, tmp_path):
+    """FSDP on 2 ranks -> 1 process, and 1 process -> FSDP on 2 ranks: the continuation matches."""
+    for nproc_saved, nproc_resumed, source in ((2, 1, None), (1, 2, reference)):
+        out = tmp_path / f"from{nproc_saved}"
+        if source is None:
+            result = launch(nproc_saved, common_args(prepared_dir, out, nproc_saved), tmp_path)
+            assert result.returncode == 0, result.stderr[-3000:]
+        else:
+            shutil.copytree(source, out)
+        shutil.rmtree(out / "checkpoints" / "step_0000006")  # resume from step 3
+        resumed = launch(nproc_resumed, common_args(prepared_dir, out, nproc_resumed, "--resume"), tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_close(losses(out), losses(reference), steps=[4, 5, 6])
+
+
+def test_layout_that_does_not_fit_the_world_fails_fast(prepared_dir, tmp_path):
+    args = common_args(prepared_dir, tmp_path / "bad", 2, "--parallel.dp_replicate=3", "--parallel.dp_shard=1")
+    result = launch(2, args, tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: parallel layout")]
+    assert len(errors) == 2 and "world size is 2" in errors[0]  # one line from each rank
+    # torchrun reports the failed workers with its own traceback; none of it is lmforge's code
+    assert "lmforge/" not in "".join(line for line in result.stderr.splitlines() if line.lstrip().startswith("File"))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
