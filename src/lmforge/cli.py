@@ -117,12 +117,12 @@ def evaluate(run: str, batches: int = 50, batch_size: int = 8, device: str = "au
     from lmforge.evaluate.perplexity import evaluate_loss
     from lmforge.runtime import resolve_device, resolve_precision
     from lmforge.train.checkpoint import resolve_checkpoint
+    from lmforge.train.pretrain import data_dir_for
 
     dev = resolve_device(device)
     ckpt_dir = resolve_checkpoint(run)
     cfg = load_config(ckpt_dir / "config.yaml")
-    run_dir = ckpt_dir.parent.parent
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
+    data_dir = data_dir_for(cfg.data, run_dir=ckpt_dir.parent.parent)
     model, _ = load(ckpt_dir, device=dev)
     data = val_batches(data_dir, batch_size, cfg.data.seq_len, batches)
     result = evaluate_loss(model, data, dev, resolve_precision("auto", dev))

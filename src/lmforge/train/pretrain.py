@@ -47,9 +47,14 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import lr_at
 
 
+def data_dir_for(cfg: DataConfig, run_dir: Path) -> Path:
+    """`data.dir`, or RUN/data by default."""
+    return Path(cfg.dir) if cfg.dir else run_dir / "data"
+
+
 def ensure_data(cfg: DataConfig, run_dir: Path, seed: int) -> Path:
     """The prepared data directory of the run: reused when its manifest exists, else prepared."""
-    data_dir = Path(cfg.dir) if cfg.dir else run_dir / "data"
+    data_dir = data_dir_for(cfg, run_dir)
     if (data_dir / "manifest.json").is_file():
         manifest = load_manifest(data_dir)
         if cfg.tokenizer is None and manifest["requested_vocab_size"] != cfg.vocab_size:
@@ -170,7 +175,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
         )
     accum_steps = global_tokens // (micro_batch * seq_len * dims.dp)
 
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
+    data_dir = data_dir_for(cfg.data, run_dir)
     tokenizer_path = run_dir / "tokenizer.json"
 
     def prepare_run_dir() -> None:
