@@ -23,12 +23,12 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def common_args(data_dir: Path, out: Path, nproc: int, *extra: str) -> list[str]:
+def common_args(data_dir: Path, out: Path, dp: int, *extra: str) -> list[str]:
     return [
         "pretrain", "--config", str(RECIPE), "--out", str(out), f"--data.dir={data_dir}",
         "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
         "--train.max_steps=6", "--train.eval_every=0", "--train.sample_tokens=0", "--checkpoint.every_steps=3",
-        f"--train.micro_batch_size={GLOBAL_BATCH // nproc}", "--logging.log_every=1", *extra,
+        f"--train.micro_batch_size={GLOBAL_BATCH // dp}", "--logging.log_every=1", *extra,
     ]  # fmt: skip
 
 
@@ -58,42 +58,58 @@ def reference(prepared_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("name", "nproc", "layout"),
+    ("name", "nproc", "dp", "layout"),
     [
-        ("ddp", 2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
-        ("fsdp", 2, []),  # dp_shard=-1 takes the whole world
-        ("hsdp", 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+        ("ddp", 2, 2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+        ("fsdp", 2, 2, []),  # dp_shard=-1 takes the whole world
+        ("hsdp", 4, 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+        ("tp", 2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
+        ("fsdp_tp", 4, 2, ["--parallel.tp=2"]),
     ],
 )
-def test_layout_matches_single_process(name, nproc, layout, prepared_dir, reference, tmp_path):
+def test_layout_matches_single_process(name, nproc, dp, layout, prepared_dir, reference, tmp_path):
     out = tmp_path / name
-    result = launch(nproc, common_args(prepared_dir, out, nproc, *layout), tmp_path)
+    result = launch(nproc, common_args(prepared_dir, out, dp, *layout), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_close(losses(out), losses(reference))
     assert result.stdout.count('"val_loss"') == 1  # one summary line, from rank 0
 
 
-def test_checkpoint_resumes_under_another_layout(prepared_dir, reference, tmp_path):
-    """FSDP on 2 ranks -> 1 process, and 1 process -> FSDP on 2 ranks: the continuation matches."""
-    for nproc_saved, nproc_resumed, source in ((2, 1, None), (1, 2, reference)):
-        out = tmp_path / f"from{nproc_saved}"
-        if source is None:
-            result = launch(nproc_saved, common_args(prepared_dir, out, nproc_saved), tmp_path)
-            assert result.returncode == 0, result.stderr[-3000:]
-        else:
-            shutil.copytree(source, out)
-        shutil.rmtree(out / "checkpoints" / "step_0000006")  # resume from step 3
-        resumed = launch(nproc_resumed, common_args(prepared_dir, out, nproc_resumed, "--resume"), tmp_path)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert_close(losses(out), losses(reference), steps=[4, 5, 6])
+@pytest.mark.parametrize(
+    ("saved", "resumed"),
+    [
+        ((2, 2, []), (1, 1, [])),  # FSDP on 2 ranks -> 1 process
+        ((1, 1, []), (2, 2, [])),  # 1 process -> FSDP on 2 ranks
+        ((2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1"]), (1, 1, [])),  # TP 2 -> none
+    ],
+    ids=["fsdp2-to-1", "1-to-fsdp2", "tp2-to-1"],
+)
+def test_checkpoint_resumes_under_another_layout(saved, resumed, prepared_dir, reference, tmp_path):
+    """A checkpoint written under one layout continues under another with the same losses."""
+    out = tmp_path / "run"
+    if saved[0] == 1:
+        shutil.copytree(reference, out)
+    else:
+        result = launch(saved[0], common_args(prepared_dir, out, saved[1], *saved[2]), tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    shutil.rmtree(out / "checkpoints" / "step_0000006")  # resume from step 3
+    result = launch(resumed[0], common_args(prepared_dir, out, resumed[1], *resumed[2], "--resume"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close(losses(out), losses(reference), steps=[4, 5, 6])
 
 
 def test_layout_that_does_not_fit_the_world_fails_fast(prepared_dir, tmp_path):
-    args = common_args(prepared_dir, tmp_path / "bad", 2, "--parallel.dp_replicate=3", "--parallel.dp_shard=1")
+    args = common_args(
+        prepared_dir, tmp_path / "bad", 2, "--parallel.dp_replicate=3", "--parallel.dp_shard=1"
+    )
     result = launch(2, args, tmp_path)
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: parallel layout")]
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("lmforge: error: parallel layout")
+    ]
     assert len(errors) == 2 and "world size is 2" in errors[0]  # one line from each rank
     # torchrun reports the failed workers with its own traceback; none of it is lmforge's code
-    assert "lmforge/" not in "".join(line for line in result.stderr.splitlines() if line.lstrip().startswith("File"))
+    assert "lmforge/" not in "".join(
+        line for line in result.stderr.splitlines() if line.lstrip().startswith("File")
+    )
     assert not (tmp_path / "bad" / "checkpoints").exists()

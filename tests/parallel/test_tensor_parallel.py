@@ -95,13 +95,10 @@ def _train_case(family: str, overrides: dict, sequence_parallel: bool, mesh) -> 
     out: dict = {"loss_ref": [], "loss_tp": [], "grad_norm_ref": [], "grad_norm_tp": []}
     for step in range(STEPS):
         idx = batches[step % 2]
-        if step == 0:
+        if step == 0:  # the trainer's loss line needs full logits; a plain tensor, not a DTensor
             logits = model(idx[:, :-1])
-            facts["logits_plain_full"] = type(logits) is torch.Tensor and logits.shape == (
-                BATCH,
-                SEQ_LEN,
-                cfg.vocab_size,
-            )
+            facts["logits_plain_full"] = type(logits) is torch.Tensor
+            facts["logits_plain_full"] &= logits.shape == (BATCH, SEQ_LEN, cfg.vocab_size)
         for name, net, opt in (("ref", reference, opt_ref), ("tp", model, opt_tp)):
             loss = _loss(net, idx)
             loss.backward()
@@ -113,7 +110,7 @@ def _train_case(family: str, overrides: dict, sequence_parallel: bool, mesh) -> 
             out[f"loss_{name}"].append(loss.item())
             out[f"grad_norm_{name}"].append(grad_norm.item())
     out["tied"] = [tied_before, head.weight is embedding.weight]
-    reference_params = dict(reference.named_parameters())
+    reference_params = reference.state_dict()  # has the tied head's name too
     out["param_diff"] = {
         name: (param.full_tensor() - reference_params[name]).abs().max().item()
         for name, param in model.named_parameters()
@@ -136,6 +133,14 @@ def _worker(rank: int, world_size: int, port: int, cases: list, out_dir: str) ->
         except ValueError as err:
             results["refused"] = str(err)
         results["untouched"] = not any(isinstance(p, DTensor) for p in model.parameters())
+        # Sequence parallelism splits T evenly: a length tp does not divide is refused, not mis-split.
+        model = build_model(model_config("gpt2", "debug"))
+        apply_tensor_parallel(model, mesh, sequence_parallel=True)
+        try:
+            model(torch.zeros(1, 4 * world_size + 1, dtype=torch.long))
+            results["odd_seq_len"] = ""
+        except ValueError as err:
+            results["odd_seq_len"] = str(err)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -150,7 +155,9 @@ def run_tp(tmp_path_factory):
         if world_size not in cache:
             out_dir = tmp_path_factory.mktemp(f"tp{world_size}")
             mp.spawn(_worker, args=(world_size, _free_port(), cases, str(out_dir)), nprocs=world_size)
-            cache[world_size] = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+            cache[world_size] = [
+                json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)
+            ]
         return cache[world_size]
 
     return run
@@ -162,11 +169,15 @@ def _check_case(per_rank: list[dict], name: str) -> None:
         failed = [fact for fact, ok in result["facts"].items() if not ok]
         assert not failed, f"rank {rank}: {failed}"
         for step, (ref, tp) in enumerate(zip(result["loss_ref"], result["loss_tp"], strict=True)):
-            assert tp == pytest.approx(ref, rel=1e-5), f"rank {rank} step {step}: loss {tp} vs reference {ref}"
+            assert tp == pytest.approx(ref, rel=1e-5), (
+                f"rank {rank} step {step}: loss {tp} vs reference {ref}"
+            )
         assert result["grad_norm_tp"] == pytest.approx(result["grad_norm_ref"], rel=1e-5)
         assert result["grad_norm_ref"][0] > MAX_NORM  # so clip_grad_norm_ really clipped
         worst = max(result["param_diff"], key=result["param_diff"].get)
-        assert result["param_diff"][worst] <= 1e-5, f"rank {rank}: {worst} off by {result['param_diff'][worst]}"
+        assert result["param_diff"][worst] <= 1e-5, (
+            f"rank {rank}: {worst} off by {result['param_diff'][worst]}"
+        )
         # The losses fell: the comparison is over real training, not a stalled model.
         assert result["loss_tp"][-1] < result["loss_tp"][0]
     # Every rank holds the same full model and sees the same losses.
@@ -195,6 +206,7 @@ def test_apply_refuses_a_layout_before_sharding(run_tp) -> None:
     for results in run_tp(2, CASES_TP2):
         assert "n_kv_heads=1" in results["refused"] and "tp=2" in results["refused"]
         assert results["untouched"]
+        assert "divisible by tp=2, got 9" in results["odd_seq_len"]
 
 
 @pytest.mark.parametrize(

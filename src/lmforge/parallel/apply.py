@@ -23,7 +23,7 @@ from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import ParallelDims
 
 
-def validate_layout(model_cfg, dims: ParallelDims, cfg: ParallelConfig) -> None:
+def validate_layout(model_cfg, dims: ParallelDims, cfg: ParallelConfig, seq_len: int) -> None:
     """Fail before any work on a layout the model cannot take (one line naming the problem)."""
     if dims.tp > 1:
         from lmforge.parallel.tensor import validate_tp
@@ -32,6 +32,10 @@ def validate_layout(model_cfg, dims: ParallelDims, cfg: ParallelConfig) -> None:
             validate_tp(model_cfg, dims.tp)
         except ValueError as err:
             raise ConfigError(f"parallel.tp={dims.tp}: {err}") from None
+        if cfg.sequence_parallel and seq_len % dims.tp:
+            raise ConfigError(
+                f"parallel.tp={dims.tp} with sequence_parallel needs data.seq_len divisible by it, got {seq_len}"
+            )
     if dims.pp > 1:
         raise ConfigError(
             "parallel.pp > 1: pipeline parallel training is not available in `lmforge pretrain` yet"

@@ -36,8 +36,12 @@ matrix as Shard(0), so after parallelizing the head is pointed at the embedding'
 Order (see lmforge.parallel.apply): build the model with its weights materialised and identical on
 every TP rank (same seed, or loaded), then `apply_tensor_parallel`, then FSDP / compile, then create
 the optimizer. The sharded weights are scattered from TP rank 0; SequenceParallel takes the norm
-weights from each rank as they are, hence "identical". Inputs (token ids) must be identical on all
-ranks of a TP group, and with sequence parallelism T must be divisible by tp.
+weights from each rank as they are, hence "identical". This order is the one tested for exact parity
+with a single device. For a model too large to materialise whole on a rank, build it on the meta
+device, apply TP, then `model.to_empty(device=...)` and `model.init_weights()` (which re-ties the
+head): that runs, but the random init is then drawn by DTensor's RNG, not as on a single device.
+Inputs (token ids) must be identical on all ranks of a TP group, and with sequence parallelism T must
+be divisible by tp (a forward pre-hook checks it).
 
 Not supported under TP (yet): generation with a KV cache (the caches are sized for all heads, while
 a rank computes only its own); dropout > 0 gives masks that differ from a single-device run.
@@ -202,7 +206,7 @@ def _parallelize_gpt2(model: GPT2, tp_mesh: DeviceMesh, sequence_parallel: bool)
     }
     root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
     parallelize_module(model, tp_mesh, root_plan)
-    pass  # MUTATION
+    _retie(model, "wte", "lm_head", tied=True)
 
     for _, block in model.h.named_children():
         block_plan = {

@@ -188,7 +188,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
     tokenizer = load_tokenizer(tokenizer_path)
     model_cfg = run_model_config(cfg.model, seq_len, tokenizer.get_vocab_size())
     if dims.distributed:
-        validate_layout(model_cfg, dims, cfg.parallel)
+        validate_layout(model_cfg, dims, cfg.parallel, seq_len)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every layout
     model = build_model(model_cfg, device)
     step_module = parallelize(model, dims, mesh, cfg.parallel, device, dtype) if dims.distributed else model
