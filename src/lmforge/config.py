@@ -238,6 +238,7 @@ class ParallelConfig:
         fsdp_cpu_offload: Keep sharded parameters, gradients and optimizer state in CPU memory.
         fsdp_reduce_dtype: Gradient reduce-scatter precision under FSDP with bf16 compute.
         timeout_s: Collective timeout: a rank that stops answering ends the job after this long.
+        meta_init: Build the model on the meta device and materialise only this rank's shards (FSDP/TP); default: for models of >= 1B parameters. Initial weights then come from DTensor's RNG, not a single-device draw.
     """
 
     dp_replicate: int = 1
@@ -251,6 +252,7 @@ class ParallelConfig:
     fsdp_cpu_offload: bool = False
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     timeout_s: int = 600
+    meta_init: bool | None = None
 
     def __post_init__(self) -> None:
         for key in ("dp_replicate", "tp", "pp"):

@@ -7,6 +7,7 @@ losses must agree within 1e-5 relative, and checkpoints must resume under anothe
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -113,3 +114,15 @@ def test_layout_that_does_not_fit_the_world_fails_fast(prepared_dir, tmp_path):
         line for line in result.stderr.splitlines() if line.lstrip().startswith("File")
     )
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_meta_init_materialises_only_shards_and_trains(prepared_dir, tmp_path):
+    """parallel.meta_init: FSDP over a model built on the meta device, then initialised shard by shard."""
+    out = tmp_path / "meta"
+    result = launch(
+        2, common_args(prepared_dir, out, 2, "--parallel.meta_init=true", "--train.max_steps=12"), tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = losses(out)
+    assert len(got) == 12 and all(math.isfinite(v) for v in got.values())
+    assert sum(got[s] for s in (10, 11, 12)) / 3 < sum(got[s] for s in (1, 2, 3)) / 3 - 0.1

@@ -40,3 +40,14 @@ def test_every_optimizer_lowers_the_loss(name):
         loss().backward()
         optimizer.step()
     assert loss().item() < first - 0.3, name
+
+
+@pytest.mark.parametrize(("family", "head"), [("gpt2", "lm_head"), ("llama", "output")])
+def test_tied_head_on_a_pipeline_stage_is_not_decayed(family, head):
+    """A last pipeline stage holds the tied head without the embedding; it must not be decayed."""
+    model = build_model(
+        model_config(family, "debug", **({"tie_embeddings": True} if family == "llama" else {}))
+    )
+    model.tok_embeddings = model.wte = None  # what a last stage looks like
+    decay, _ = param_groups(model, 0.1)
+    assert all(p is not getattr(model, head).weight for p in decay["params"])

@@ -16,6 +16,15 @@ from lmforge.config import OptimConfig
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: matrix weights of linear layers (decayed) and everything else (not decayed)."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # A head tied to the embedding is the embedding: on a pipeline stage that holds only the head
+    # (its own copy), it must get the same treatment as the first stage's copy, or the two drift.
+    for head_name, tied in (
+        ("lm_head", True),
+        ("output", getattr(getattr(model, "cfg", None), "tie_embeddings", False)),
+    ):
+        head = getattr(model, head_name, None)
+        if tied and isinstance(head, nn.Linear):
+            embedding_params.add(id(head.weight))
     decay, no_decay = [], []
     for param in model.parameters():  # tied weights appear once
         if not param.requires_grad:

@@ -142,6 +142,27 @@ def _check_start(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
     return None
 
 
+def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, device: torch.device, dtype):
+    """(model, the module the step calls). Sharded layouts of big models are built on the meta
+    device and only this rank's shards are ever allocated; otherwise every rank builds the full
+    model from the same seed, which is exactly the single-process initialisation."""
+    if not dims.distributed:
+        model = build_model(model_cfg, device)
+        return model, model
+    sharded = dims.dp_shard > 1 or dims.tp > 1
+    meta_init = cfg.parallel.meta_init
+    if meta_init is None:
+        meta_init = sharded and build_model(model_cfg, "meta").num_params() >= 1_000_000_000
+    if not (meta_init and sharded):
+        model = build_model(model_cfg, device)
+        return model, parallelize(model, dims, mesh, cfg.parallel, device, dtype)
+    model = build_model(model_cfg, "meta")
+    step_module = parallelize(model, dims, mesh, cfg.parallel, device, dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model, step_module
+
+
 def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
     """Train and return the last evaluation ({"step", "val_loss", "val_ppl"}).
 
@@ -190,8 +211,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
     if dims.distributed:
         validate_layout(model_cfg, dims, cfg.parallel, seq_len)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every layout
-    model = build_model(model_cfg, device)
-    step_module = parallelize(model, dims, mesh, cfg.parallel, device, dtype) if dims.distributed else model
+    model, step_module = _build_parallel_model(model_cfg, cfg, dims, mesh, device, dtype)
     optimizer = build_optimizer(model, cfg.optim, device.type)
 
     dp_rank_index = dp_rank(mesh, dims) if mesh is not None else 0
