@@ -66,6 +66,9 @@ def reference(prepared_dir, tmp_path_factory) -> Path:
         ("hsdp", 4, 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
         ("tp", 2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
         ("fsdp_tp", 4, 2, ["--parallel.tp=2"]),
+        ("pp_gpipe", 2, 1, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=gpipe"]),
+        ("pp_1f1b", 2, 1, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=4"]),
+        ("fsdp_pp", 4, 2, ["--parallel.pp=2", "--parallel.pp_microbatches=2"]),
     ],
 )
 def test_layout_matches_single_process(name, nproc, dp, layout, prepared_dir, reference, tmp_path):
@@ -82,8 +85,10 @@ def test_layout_matches_single_process(name, nproc, dp, layout, prepared_dir, re
         ((2, 2, []), (1, 1, [])),  # FSDP on 2 ranks -> 1 process
         ((1, 1, []), (2, 2, [])),  # 1 process -> FSDP on 2 ranks
         ((2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1"]), (1, 1, [])),  # TP 2 -> none
+        ((2, 1, ["--parallel.pp=2", "--parallel.dp_shard=1"]), (1, 1, [])),  # PP 2 -> none
+        ((1, 1, []), (2, 1, ["--parallel.pp=2", "--parallel.dp_shard=1"])),  # none -> PP 2
     ],
-    ids=["fsdp2-to-1", "1-to-fsdp2", "tp2-to-1"],
+    ids=["fsdp2-to-1", "1-to-fsdp2", "tp2-to-1", "pp2-to-1", "1-to-pp2"],
 )
 def test_checkpoint_resumes_under_another_layout(saved, resumed, prepared_dir, reference, tmp_path):
     """A checkpoint written under one layout continues under another with the same losses."""
@@ -126,3 +131,18 @@ def test_meta_init_materialises_only_shards_and_trains(prepared_dir, tmp_path):
     got = losses(out)
     assert len(got) == 12 and all(math.isfinite(v) for v in got.values())
     assert sum(got[s] for s in (10, 11, 12)) / 3 < sum(got[s] for s in (1, 2, 3)) / 3 - 0.1
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (["--parallel.tp=2", "--parallel.dp_shard=1", "--model.family=gpt2", "--data.seq_len=63"], "seq_len"),
+        (["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=3"], "not divisible"),
+    ],
+    ids=["tp-seq-len", "pp-microbatches"],
+)
+def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, tmp_path):
+    result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *layout), tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: parallel")]
+    assert errors and message in errors[0], result.stderr[-2000:]

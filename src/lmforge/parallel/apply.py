@@ -23,7 +23,9 @@ from lmforge.parallel.fsdp import apply_fsdp
 from lmforge.parallel.mesh import ParallelDims
 
 
-def validate_layout(model_cfg, dims: ParallelDims, cfg: ParallelConfig, seq_len: int) -> None:
+def validate_layout(
+    model_cfg, dims: ParallelDims, cfg: ParallelConfig, seq_len: int, local_batch: int
+) -> None:
     """Fail before any work on a layout the model cannot take (one line naming the problem)."""
     if dims.tp > 1:
         from lmforge.parallel.tensor import validate_tp
@@ -37,9 +39,21 @@ def validate_layout(model_cfg, dims: ParallelDims, cfg: ParallelConfig, seq_len:
                 f"parallel.tp={dims.tp} with sequence_parallel needs data.seq_len divisible by it, got {seq_len}"
             )
     if dims.pp > 1:
-        raise ConfigError(
-            "parallel.pp > 1: pipeline parallel training is not available in `lmforge pretrain` yet"
-        )
+        from lmforge.parallel.pipeline import validate_pp
+
+        if dims.dp_replicate > 1 and dims.dp_shard == 1:
+            raise ConfigError(
+                "parallel.pp > 1 with dp_replicate > 1 needs dp_shard > 1 (HSDP); DDP does not wrap stages"
+            )
+        n_microbatches = cfg.pp_microbatches or dims.pp
+        stages = 2 if cfg.pp_schedule == "interleaved_1f1b" else 1
+        try:
+            validate_pp(model_cfg.n_layers, dims.pp, stages, local_batch, n_microbatches, cfg.pp_schedule)
+        except ValueError as err:
+            raise ConfigError(
+                f"parallel.pp={dims.pp}, pp_schedule={cfg.pp_schedule}, pp_microbatches={n_microbatches}, "
+                f"per-rank batch {local_batch} (train.micro_batch_size x accumulation): {err}"
+            ) from None
 
 
 def parallelize(

@@ -96,7 +96,8 @@ _LAYOUTS: dict[type[nn.Module], _StageLayout] = {
 
 
 def _layout(model: nn.Module) -> _StageLayout:
-    layout = _LAYOUTS.get(type(model))
+    # isinstance, not type(): FSDP2's fully_shard swaps a stage's class for a subclass (FSDPLlama).
+    layout = next((layout for cls, layout in _LAYOUTS.items() if isinstance(model, cls)), None)
     if layout is None:
         raise ValueError(
             f"pipeline parallelism does not know how to split {type(model).__name__}; "

@@ -111,17 +111,38 @@ def _tied_names(model: nn.Module) -> set[str]:
     return every - {name for name, _ in model.named_parameters()}
 
 
-def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights by name (DTensor shards under FSDP/TP); a tied weight is stored once, under its first name."""
-    tied = _tied_names(model)
-    return {name: t for name, t in get_model_state_dict(model).items() if name not in tied}
+def _head_alias(part: nn.Module) -> dict[str, str]:
+    """On a last pipeline stage, the copy of a tied head is stored under the embedding's name.
+
+    The checkpoint then holds one tied weight whatever the layout: a single process (where the
+    head *is* the embedding) and a pipeline (where first and last stage each hold a copy) read and
+    write the same tensor.
+    """
+    cfg = getattr(part, "cfg", None)
+    for embedding, head in (("wte", "lm_head"), ("tok_embeddings", "output")):
+        tied = head == "lm_head" or getattr(cfg, "tie_embeddings", False)
+        if (
+            tied
+            and hasattr(part, embedding)
+            and getattr(part, embedding) is None
+            and getattr(part, head, None) is not None
+        ):
+            return {f"{head}.weight": f"{embedding}.weight"}
+    return {}
 
 
-def load_model_weights(model: nn.Module, weights_dir: Path) -> None:
-    """Load safetensors weights into `model` in place (shapes are checked against the model)."""
-    template = model_state_dict(model)
+def model_state_dict(part: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights by checkpoint name (DTensor shards under FSDP/TP); a tied weight appears once."""
+    tied, alias = _tied_names(part), _head_alias(part)
+    return {alias.get(name, name): t for name, t in get_model_state_dict(part).items() if name not in tied}
+
+
+def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) -> None:
+    """Load safetensors weights into the model (or its pipeline stages) in place, shapes checked."""
+    parts = parts if isinstance(parts, list) else [parts]
+    templates = [model_state_dict(part) for part in parts]
     headers = _tensor_headers(weights_dir)
-    for name, tensor in template.items():
+    for name, tensor in (item for template in templates for item in template.items()):
         if name not in headers:
             raise CheckpointError(f"checkpoint {weights_dir} has no tensor '{name}'")
         if list(tensor.shape) != list(headers[name]):
@@ -129,10 +150,15 @@ def load_model_weights(model: nn.Module, weights_dir: Path) -> None:
                 f"checkpoint {weights_dir}: tensor '{name}' has shape {list(headers[name])}, "
                 f"the model expects {list(tensor.shape)}"
             )
-    _load_tensors(template, weights_dir)
-    set_model_state_dict(model, template, options=StateDictOptions(strict=False))
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    for part, template in zip(parts, templates, strict=True):
+        # One load per part: a rank may hold the same checkpoint tensor twice (never here, as the
+        # first and last pipeline stages are on different ranks, but a dict could not say so).
+        _load_tensors(template, weights_dir)
+        unalias = {v: k for k, v in _head_alias(part).items()}
+        state = {unalias.get(name, name): t for name, t in template.items()}
+        set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+        if hasattr(part, "tie_weights") and not _head_alias(part):
+            part.tie_weights()
 
 
 # ---------------------------------------------------------------------------- save
@@ -177,17 +203,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
-def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(flat tensors, JSON-able rest) of the optimizer state, keyed by parameter name.
+def _optimizer_state(part: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(flat tensors, JSON-able rest) of one part's optimizer state, keyed by checkpoint name.
 
     get_optimizer_state_dict initialises a fresh optimizer's state, so the same call gives the
     template that a checkpoint is loaded into.
     """
-    state = get_optimizer_state_dict(model, optimizer)
+    state = get_optimizer_state_dict(part, optimizer)
+    alias = _head_alias(part)
     tensors, scalars = {}, {}
     for fqn, param_state in state["state"].items():
         for key, value in param_state.items():
-            name = f"state.{fqn}.{key}"
+            name = f"state.{alias.get(fqn, fqn)}.{key}"
             if isinstance(value, torch.Tensor) and value.ndim == 0 and not isinstance(value, DTensor):
                 # 0-d tensors (Adam's `step`) go to JSON: DCP's consolidation of replicated 0-d
                 # tensors across ranks writes zeros (seen with torch 2.13, gloo).
@@ -208,14 +235,19 @@ def _from_json(value):
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    parts: nn.Module | list[nn.Module],
+    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer],
     trainer_state: dict,
     cfg: RunConfig,
     tokenizer_path: Path,
     keep_last: int,
 ) -> Path:
-    """Write `run_dir/checkpoints/step_N` atomically and keep the newest `keep_last`."""
+    """Write `run_dir/checkpoints/step_N` atomically and keep the newest `keep_last`.
+
+    `parts`: the model, or this rank's pipeline stages (one optimizer each). Every rank calls this.
+    """
+    parts = parts if isinstance(parts, list) else [parts]
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     root = run_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -226,11 +258,16 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
 
-    _save_tensors(model_state_dict(model), tmp / "model")
-    optim_tensors, optim_rest = _optimizer_state(model, optimizer)
+    _save_tensors({k: v for part in parts for k, v in model_state_dict(part).items()}, tmp / "model")
+    optim_tensors, optim_scalars = {}, {}
+    for part, optimizer in zip(parts, optimizers, strict=True):
+        tensors, rest = _optimizer_state(part, optimizer)
+        optim_tensors.update(tensors)
+        optim_scalars.update(rest["scalars"])
     _save_tensors(optim_tensors, tmp / "optimizer")
+    # Scalars (Adam's step) are equal for every parameter of a run: rank 0's stand for all.
     if _is_writer():
-        state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": optim_rest}
+        state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": {"scalars": optim_scalars}}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         save_config(cfg, tmp / "config.yaml")
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
@@ -349,28 +386,38 @@ def load_trainer_state(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"trainer state {path} cannot be read ({type(err).__name__}: {err})") from None
 
 
-def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model and optimizer in place (under any layout); return the trainer state."""
+def load_checkpoint(
+    ckpt_dir: Path,
+    parts: nn.Module | list[nn.Module],
+    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer],
+) -> dict:
+    """Restore model (or pipeline stages) and optimizers in place, under any layout; return the trainer state."""
+    parts = parts if isinstance(parts, list) else [parts]
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     state = load_trainer_state(ckpt_dir)
-    load_model_weights(model, ckpt_dir / "model")
-
-    flat, _ = _optimizer_state(model, optimizer)  # this layout's template
-    missing = sorted(set(flat) - set(_tensor_headers(ckpt_dir / "optimizer")))
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir / 'optimizer'} lacks tensor '{missing[0]}' (another optimizer?)"
-        )
-    if flat:
-        _load_tensors(flat, ckpt_dir / "optimizer")
-    per_param: dict[str, dict] = {}
-    for key, value in [*flat.items(), *state["optimizer"]["scalars"].items()]:
-        fqn, name = key.removeprefix("state.").rsplit(".", 1)
-        per_param.setdefault(fqn, {})[name] = _from_json(value)
-    groups = state["optimizer"]["param_groups"]
-    for group in groups:  # JSON turned tuples into lists
-        for key, value in group.items():
-            if key != "params" and isinstance(value, list):
-                group[key] = tuple(value)
-    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups})
+    load_model_weights(parts, ckpt_dir / "model")
+    saved_tensors = _tensor_headers(ckpt_dir / "optimizer")
+    saved_scalars = state["optimizer"]["scalars"]
+    # A scalar saved by rank 0 for one parameter (Adam's `step`) is the same for all of them.
+    any_scalar = {key.rsplit(".", 1)[1]: value for key, value in saved_scalars.items()}
+    for part, optimizer in zip(parts, optimizers, strict=True):
+        flat, rest = _optimizer_state(part, optimizer)  # this layout's template
+        missing = sorted(set(flat) - set(saved_tensors))
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir / 'optimizer'} lacks tensor '{missing[0]}' (another optimizer?)"
+            )
+        if flat:
+            _load_tensors(flat, ckpt_dir / "optimizer")
+        unalias = {v: k for k, v in _head_alias(part).items()}
+        per_param: dict[str, dict] = {}
+        for key, value in [
+            *flat.items(),
+            *((k, saved_scalars.get(k, any_scalar.get(k.rsplit(".", 1)[1]))) for k in rest["scalars"]),
+        ]:
+            fqn, name = key.removeprefix("state.").rsplit(".", 1)
+            per_param.setdefault(unalias.get(fqn, fqn), {})[name] = _from_json(value)
+        # Hyper-parameters come from this run's optimizer (the LR is set every step anyway).
+        set_optimizer_state_dict(part, optimizer, {"state": per_param, "param_groups": rest["param_groups"]})
     set_rng_state(state["rng"])
     return state

@@ -6,6 +6,7 @@ optimizer → restore a checkpoint if resuming → compile (applied from outside
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from lmforge.runtime import (
 from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizer
+from lmforge.train.pipeline_step import PipelineStep
 from lmforge.train.schedule import lr_at
 
 
@@ -209,27 +211,41 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
     tokenizer = load_tokenizer(tokenizer_path)
     model_cfg = run_model_config(cfg.model, seq_len, tokenizer.get_vocab_size())
     if dims.distributed:
-        validate_layout(model_cfg, dims, cfg.parallel, seq_len)
+        validate_layout(model_cfg, dims, cfg.parallel, seq_len, micro_batch * accum_steps)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every layout
-    model, step_module = _build_parallel_model(model_cfg, cfg, dims, mesh, device, dtype)
-    optimizer = build_optimizer(model, cfg.optim, device.type)
+    pipe = None
+    if dims.pp > 1:
+        # The full model is built (same seed everywhere) and pruned to this rank's stages, which
+        # then get TP/FSDP like a whole model would.
+        model = build_model(model_cfg, device)
+        pipe = PipelineStep(model, cfg, mesh["pp"], device, cfg.parallel.pp_microbatches or dims.pp,
+                            lambda part: parallelize(part, dims, mesh, cfg.parallel, device, dtype))  # fmt: skip
+        parts, optimizers = pipe.parts, pipe.optimizers
+        step_module = None
+    else:
+        model, step_module = _build_parallel_model(model_cfg, cfg, dims, mesh, device, dtype)
+        parts, optimizers = [model], [build_optimizer(model, cfg.optim, device.type)]
 
     dp_rank_index = dp_rank(mesh, dims) if mesh is not None else 0
     loader = BatchLoader(data_dir, "train", micro_batch, seq_len, cfg.train.seed, dp_rank_index, dims.dp)
     step = 0
     if ckpt_dir is not None:
-        state = load_checkpoint(ckpt_dir, model, optimizer)
+        state = load_checkpoint(ckpt_dir, parts, optimizers)
         step = state["step"]
         loader.load_state_dict(state["loader"])
     _on_rank0(save_config, cfg, run_dir / "config.yaml")
 
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+    use_compile = use_compile and pipe is None  # pipeline stages run eagerly for now
     train_model = torch.compile(step_module) if use_compile else step_module
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     flops_per_token = model.flops_per_token(seq_len)
     peak, _ = peak_flops(device)
     total_steps, max_steps = cfg.schedule_steps, cfg.train.max_steps
-    val_data = val_batches(data_dir, micro_batch, seq_len, cfg.train.eval_batches)
+    # Under pp a validation batch is split into the schedule's micro-batches like a training batch.
+    val_data = val_batches(
+        data_dir, micro_batch * (accum_steps if pipe else 1), seq_len, cfg.train.eval_batches
+    )
     log = MetricsLogger(run_dir, cfg.logging, max_steps, step, enabled=rank == 0)
     log.print(
         f"model {cfg.model.family}-{cfg.model.flavor}: {model.num_params() / 1e6:.2f}M params, "
@@ -239,10 +255,14 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
 
     def evaluate(at_step: int) -> dict:
         # Every rank evaluates the same batches (FSDP needs all ranks in each forward).
-        record = {"step": at_step, **evaluate_loss(model, val_data, device, dtype)}
-        record.pop("val_tokens")
+        if pipe is not None:
+            val_loss = pipe.evaluate(val_data, device)
+            record = {"step": at_step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+        else:
+            record = {"step": at_step, **evaluate_loss(model, val_data, device, dtype)}
+            record.pop("val_tokens")
         log.log_eval(record)
-        if cfg.train.sample_tokens > 0 and dims.tp == 1:
+        if cfg.train.sample_tokens > 0 and dims.tp == 1 and pipe is None:
             text = complete(
                 model, tokenizer, "def ", cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=at_step
             )
@@ -250,7 +270,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
         return record
 
     def checkpoint(at_step: int) -> None:
-        save_checkpoint(run_dir, at_step, model, optimizer, {"loader": loader.state_dict()}, cfg, tokenizer_path,
+        save_checkpoint(run_dir, at_step, parts, optimizers, {"loader": loader.state_dict()}, cfg, tokenizer_path,
                         cfg.checkpoint.keep_last)  # fmt: skip
 
     last_eval: dict = {}
@@ -258,23 +278,32 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
     last_log_step = step
     while step < max_steps:
         lr = lr_at(step, cfg.schedule, cfg.optim.lr, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(accum_steps):
-            inputs, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
-            with gradient_sync(step_module, enabled=micro_step == accum_steps - 1):
-                with autocast(device, dtype):
-                    logits = train_model(inputs)  # (B, T, V)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum_steps
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        scaler.step(optimizer)
+        if pipe is not None:
+            # The schedule splits this rank's accum_steps micro-batches into pipeline micro-batches.
+            batches = [loader.next_batch() for _ in range(accum_steps)]
+            inputs, targets = (torch.cat(t).to(device, non_blocking=True) for t in zip(*batches, strict=True))
+            with autocast(device, dtype):
+                loss_sum, grad_norm = pipe.train_step(inputs, targets, max_norm)
+        else:
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(accum_steps):
+                inputs, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
+                with gradient_sync(step_module, enabled=micro_step == accum_steps - 1):
+                    with autocast(device, dtype):
+                        logits = train_model(inputs)  # (B, T, V)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum_steps
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizers[0])
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         log.advance()
 

@@ -1,0 +1,83 @@
+"""The training and evaluation step of a pipeline-parallel run (parallel.pp > 1).
+
+Every rank of a pp group loads the same (B, T) batch per step: the first stage's rank feeds the
+inputs, the last stage's rank the targets; the schedule splits the batch into micro-batches and
+runs forward and backward through the stages. See lmforge.parallel.pipeline for the pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lmforge.config import RunConfig
+from lmforge.parallel.pipeline import (
+    build_pipeline_stages,
+    build_schedule,
+    clip_grad_norm_,
+    pipeline_loss,
+    sync_tied_embedding_grads,
+)
+from lmforge.train.optim import build_optimizer
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of one micro-batch: logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def stages_per_rank(cfg: RunConfig) -> int:
+    return 2 if cfg.parallel.pp_schedule == "interleaved_1f1b" else 1
+
+
+class PipelineStep:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: RunConfig,
+        pp_mesh: DeviceMesh,
+        device: torch.device,
+        n_microbatches: int,
+        parallelize_part: Callable[[nn.Module], object],
+    ):
+        """Prunes `model` to this rank's stages, applies TP/FSDP to each (parallelize_part), then
+        builds one optimizer per stage over its final (possibly sharded) parameters."""
+        self.pp_mesh = pp_mesh
+        self.stages, self.parts = build_pipeline_stages(model, pp_mesh, stages_per_rank(cfg), device)
+        for part in self.parts:
+            parallelize_part(part)
+        self.optimizers = [build_optimizer(part, cfg.optim, device.type) for part in self.parts]
+        self.schedule = build_schedule(self.stages, n_microbatches, cfg.parallel.pp_schedule, cross_entropy)
+        self.has_first = any(stage.is_first for stage in self.stages)
+        self.has_last = any(stage.is_last for stage in self.stages)
+
+    def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses: list[torch.Tensor] = []
+        run(*([inputs] if self.has_first else []), target=targets if self.has_last else None,
+            losses=losses if self.has_last else None)  # fmt: skip
+        return pipeline_loss(self.stages, losses, self.pp_mesh)  # the same value on every pp rank
+
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, max_norm: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward over the micro-batches, then clip; returns (loss, grad_norm). No optimizer step."""
+        loss = self._run(lambda *a, **k: self.schedule.step(*a, return_outputs=False, **k), inputs, targets)
+        sync_tied_embedding_grads(self.parts, self.pp_mesh)
+        grad_norm = clip_grad_norm_(self.parts, max_norm, self.pp_mesh)
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+        """Mean validation loss over `batches` (each split into the schedule's micro-batches)."""
+        for part in self.parts:
+            part.eval()
+        total = torch.zeros((), device=device)
+        for inputs, targets in batches:
+            total += self._run(self.schedule.eval, inputs.to(device), targets.to(device))
+        for part in self.parts:
+            part.train()
+        return total.item() / len(batches)
