@@ -28,7 +28,7 @@ def common_args(data_dir: Path, out: Path, dp: int, *extra: str) -> list[str]:
     return [
         "pretrain", "--config", str(RECIPE), "--out", str(out), f"--data.dir={data_dir}",
         "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
-        "--train.max_steps=6", "--train.eval_every=0", "--train.sample_tokens=0", "--checkpoint.every_steps=3",
+        "--train.max_steps=10", "--train.eval_every=0", "--train.sample_tokens=0", "--checkpoint.every_steps=5",
         f"--train.micro_batch_size={GLOBAL_BATCH // dp}", "--logging.log_every=1", *extra,
     ]  # fmt: skip
 
@@ -69,6 +69,17 @@ def reference(prepared_dir, tmp_path_factory) -> Path:
         ("pp_gpipe", 2, 1, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=gpipe"]),
         ("pp_1f1b", 2, 1, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=4"]),
         ("fsdp_pp", 4, 2, ["--parallel.pp=2", "--parallel.pp_microbatches=2"]),
+        (
+            "fsdp_tp_pp",
+            8,
+            2,
+            [
+                "--parallel.pp=2",
+                "--parallel.tp=2",
+                "--parallel.pp_microbatches=2",
+                "--parallel.sequence_parallel=false",
+            ],
+        ),
     ],
 )
 def test_layout_matches_single_process(name, nproc, dp, layout, prepared_dir, reference, tmp_path):
@@ -98,10 +109,10 @@ def test_checkpoint_resumes_under_another_layout(saved, resumed, prepared_dir, r
     else:
         result = launch(saved[0], common_args(prepared_dir, out, saved[1], *saved[2]), tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-    shutil.rmtree(out / "checkpoints" / "step_0000006")  # resume from step 3
+    shutil.rmtree(out / "checkpoints" / "step_0000010")  # resume from step 5
     result = launch(resumed[0], common_args(prepared_dir, out, resumed[1], *resumed[2], "--resume"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_close(losses(out), losses(reference), steps=[4, 5, 6])
+    assert_close(losses(out), losses(reference), steps=[6, 7, 8, 9, 10])
 
 
 def test_layout_that_does_not_fit_the_world_fails_fast(prepared_dir, tmp_path):
@@ -138,8 +149,17 @@ def test_meta_init_materialises_only_shards_and_trains(prepared_dir, tmp_path):
     [
         (["--parallel.tp=2", "--parallel.dp_shard=1", "--model.family=gpt2", "--data.seq_len=63"], "seq_len"),
         (["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=3"], "not divisible"),
+        (
+            [
+                "--parallel.pp=2",
+                "--parallel.tp=1",
+                "--parallel.dp_shard=1",
+                "--parallel.pp_schedule=interleaved_1f1b",
+            ],
+            "layers",
+        ),
     ],
-    ids=["tp-seq-len", "pp-microbatches"],
+    ids=["tp-seq-len", "pp-microbatches", "pp-more-stages-than-layers"],
 )
 def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, tmp_path):
     result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *layout), tmp_path)

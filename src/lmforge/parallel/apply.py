@@ -45,6 +45,10 @@ def validate_layout(
             raise ConfigError(
                 "parallel.pp > 1 with dp_replicate > 1 needs dp_shard > 1 (HSDP); DDP does not wrap stages"
             )
+        if dims.tp > 1 and cfg.sequence_parallel:
+            # Stage boundaries would carry sequence-sharded activations, which the next stage's
+            # position tables do not expect yet.
+            raise ConfigError("parallel.pp > 1 with tp > 1 needs parallel.sequence_parallel=false")
         n_microbatches = cfg.pp_microbatches or dims.pp
         stages = 2 if cfg.pp_schedule == "interleaved_1f1b" else 1
         try:

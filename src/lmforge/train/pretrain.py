@@ -214,6 +214,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
         validate_layout(model_cfg, dims, cfg.parallel, seq_len, micro_batch * accum_steps)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every layout
     pipe = None
+    if dims.pp > 1 and dtype == torch.float16:
+        raise ConfigError(
+            "parallel.pp > 1 does not support train.precision fp16 (no GradScaler in the pipeline): use bf16"
+        )
     if dims.pp > 1:
         # The full model is built (same seed everywhere) and pruned to this rank's stages, which
         # then get TP/FSDP like a whole model would.
