@@ -129,6 +129,19 @@ def evaluate(run: str, batches: int = 50, batch_size: int = 8, device: str = "au
     print(json.dumps({"checkpoint": str(ckpt_dir), **result}))
 
 
+def export(run: str, out: str | None = None) -> None:
+    """Gather a checkpoint (written by any layout) into one safetensors file with its config and tokenizer.
+
+    Args:
+        run: Run directory (its newest checkpoint) or checkpoint directory.
+        out: Output directory for model.safetensors, config.yaml, tokenizer.json (default: RUN/export).
+    """
+    from lmforge.train.checkpoint import export_checkpoint, resolve_checkpoint
+
+    path = export_checkpoint(resolve_checkpoint(run), Path(out) if out else Path(run) / "export")
+    print(json.dumps({"exported": str(path)}))
+
+
 def pretrain(config: RunConfig, out: str, resume: bool = False) -> None:
     from lmforge.train.pretrain import pretrain as run
 
@@ -183,6 +196,7 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand(
         "bench", _function_parser(bench), help="Throughput on random tokens (one JSON line)."
     )
+    commands.add_subcommand("export", _function_parser(export, positional=True), help="One safetensors file.")
     return parser
 
 
@@ -219,7 +233,13 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
     if command == "data":
         prepare(**sub.prepare.as_dict())
         return
-    functions = {"quickstart": quickstart, "generate": generate, "eval": evaluate, "bench": bench}
+    functions = {
+        "quickstart": quickstart,
+        "generate": generate,
+        "eval": evaluate,
+        "bench": bench,
+        "export": export,
+    }
     kwargs = sub.as_dict()
     kwargs.pop("config", None)
     result = functions[command](**kwargs)

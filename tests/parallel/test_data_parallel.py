@@ -166,3 +166,22 @@ def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, 
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: parallel")]
     assert errors and message in errors[0], result.stderr[-2000:]
+
+
+def test_export_gathers_a_sharded_checkpoint_into_one_file(prepared_dir, reference, tmp_path):
+    """FSDP x TP on 4 ranks -> one safetensors file holding the same tensors as a 1-process checkpoint."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = launch(4, common_args(prepared_dir, out, 2, "--parallel.tp=2"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = launch(1, ["export", str(out), "--out", str(tmp_path / "export")], tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    sharded = load_file(tmp_path / "export" / "model.safetensors")
+    single = {}
+    for file in (reference / "checkpoints" / "step_0000010" / "model").glob("*.safetensors"):
+        single.update(load_file(file))
+    assert sharded.keys() == single.keys()
+    for name, tensor in single.items():
+        assert sharded[name].shape == tensor.shape
+        assert (sharded[name] - tensor).abs().max() < 1e-4, name  # 10 steps of the same training

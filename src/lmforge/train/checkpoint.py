@@ -421,3 +421,22 @@ def load_checkpoint(
         set_optimizer_state_dict(part, optimizer, {"state": per_param, "param_groups": rest["param_groups"]})
     set_rng_state(state["rng"])
     return state
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
+    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file), plus
+    config.yaml and tokenizer.json; written to a temporary name first. Holds the weights in memory."""
+    from safetensors.torch import save_file
+
+    weights = {}
+    for file in sorted((ckpt_dir / "model").glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                weights[key] = f.get_tensor(key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_file(weights, str(tmp), metadata={"format": "pt", "step": str(read_manifest(ckpt_dir)["step"])})
+    os.replace(tmp, out_dir / "model.safetensors")
+    for name in ("config.yaml", "tokenizer.json"):
+        shutil.copyfile(ckpt_dir / name, out_dir / name)
+    return out_dir / "model.safetensors"
