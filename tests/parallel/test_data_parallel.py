@@ -63,6 +63,7 @@ def reference(prepared_dir, tmp_path_factory) -> Path:
     [
         ("ddp", 2, 2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
         ("fsdp", 2, 2, []),  # dp_shard=-1 takes the whole world
+        ("fsdp_no_reshard", 2, 2, ["--parallel.fsdp_reshard_after_forward=false"]),
         ("hsdp", 4, 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
         ("tp", 2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
         ("fsdp_tp", 4, 2, ["--parallel.tp=2"]),
@@ -158,8 +159,9 @@ def test_meta_init_materialises_only_shards_and_trains(prepared_dir, tmp_path):
             ],
             "layers",
         ),
+        (["--parallel.fsdp_cpu_offload=true"], "needs train.device cuda"),
     ],
-    ids=["tp-seq-len", "pp-microbatches", "pp-more-stages-than-layers"],
+    ids=["tp-seq-len", "pp-microbatches", "pp-more-stages-than-layers", "cpu-offload-on-cpu"],
 )
 def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, tmp_path):
     result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *layout), tmp_path)

@@ -74,6 +74,10 @@ def parallelize(
 
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel)
     if dims.dp_shard > 1:
+        if cfg.fsdp_cpu_offload and device.type != "cuda":
+            raise ConfigError(
+                "parallel.fsdp_cpu_offload moves GPU state to CPU memory: it needs train.device cuda"
+            )
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         reduce_dtype = torch.bfloat16 if cfg.fsdp_reduce_dtype == "bf16" else torch.float32
         param_dtype = None if compute_dtype == torch.float32 else compute_dtype
