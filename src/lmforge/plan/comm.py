@@ -203,6 +203,14 @@ def _validate(model_cfg, dims: ParallelDims, micro_batch_size: int, seq_len: int
             raise ValueError(
                 "dp_replicate > 1 with tp > 1 needs dp_shard > 1 (HSDP): lmforge's DDP takes no DTensors"
             )
+        if dims.pp > 1 and sequence_parallel:
+            raise ValueError(
+                "pp > 1 with tp > 1 needs sequence_parallel=False: lmforge's pipeline refuses it"
+            )
+    if dims.pp > 1 and dims.dp_replicate > 1 and dims.dp_shard == 1:
+        raise ValueError(
+            "pp > 1 with dp_replicate > 1 needs dp_shard > 1 (HSDP): lmforge's DDP does not wrap stages"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,7 +244,7 @@ def _family_plan(cfg: LlamaConfig | GPT2Config) -> _FamilyPlan:
                 "feed_forward.w2.weight": 1,
                 "tok_embeddings.weight": 0,
                 "output.weight": 0,
-            },  # fmt: skip
+            },
             position_embedding=None,
             tied=cfg.tie_embeddings,
         )
@@ -254,7 +262,7 @@ def _family_plan(cfg: LlamaConfig | GPT2Config) -> _FamilyPlan:
                 "wte.weight": 0,
                 "wpe.weight": 0,
                 "lm_head.weight": 0,
-            },  # fmt: skip
+            },
             position_embedding="wpe",
             tied=True,
         )
@@ -283,19 +291,33 @@ class _Inventory:
 
     @classmethod
     def of(cls, cfg: LlamaConfig | GPT2Config) -> _Inventory:
+        key = repr(cfg)  # configs are mutable dataclasses, not hashable; their repr lists every field
+        if key not in _INVENTORIES:
+            _INVENTORIES[key] = cls._build(cfg)
+        return _INVENTORIES[key]
+
+    @classmethod
+    def _build(cls, cfg: LlamaConfig | GPT2Config) -> _Inventory:
         plan = _family_plan(cfg)
         model = build_model(cfg, "meta")  # shapes only, nothing allocated
         norm_ids = {
             id(p) for m in model.modules() if isinstance(m, (RMSNorm, nn.LayerNorm)) for p in m.parameters()
         }
+        # In registration order, which DDP's buckets follow (reversed: the order gradients are ready).
+        block_index = {id(block): i for i, block in enumerate(transformer_blocks(model))}
+        block_of = {
+            f"{name}.": block_index[id(m)] for name, m in model.named_modules() if id(m) in block_index
+        }
         params = []
-        for i, block in enumerate(transformer_blocks(model)):
-            for rel, p in block.named_parameters():
-                params.append(_Param(rel, tuple(p.shape), i, None, id(p) in norm_ids, id(p)))
         for name, p in model.named_parameters(remove_duplicate=False):
-            root = name.split(".")[0]
-            if root in plan.first or root in plan.last:
-                params.append(_Param(name, tuple(p.shape), None, root, id(p) in norm_ids, id(p)))
+            prefix = next((pre for pre in block_of if name.startswith(pre)), None)
+            if prefix is not None:
+                params.append(_Param(name.removeprefix(prefix), tuple(p.shape), block_of[prefix], None,
+                                     id(p) in norm_ids, id(p)))  # fmt: skip
+            elif name.split(".")[0] in plan.first + plan.last:
+                params.append(
+                    _Param(name, tuple(p.shape), None, name.split(".")[0], id(p) in norm_ids, id(p))
+                )
         n_named = sum(1 for _ in model.named_parameters(remove_duplicate=False))
         if len(params) != n_named:
             raise ValueError(
@@ -336,6 +358,9 @@ class _Inventory:
         block_dims = [d for name, d in self.plan.tp_shard_dim.items()
                       if name.endswith(".weight") and name.split(".")[0] not in self.plan.first + self.plan.last]  # fmt: skip
         return block_dims.count(1), block_dims.count(0)
+
+
+_INVENTORIES: dict[str, _Inventory] = {}  # a planner sweeping layouts builds each meta model once
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -485,8 +510,8 @@ class _Step:
 
     def _pipeline(self, tally: _Tally, stage: int) -> None:
         """Sends of one stage per micro-batch: activations forward, their gradients backward."""
-        shard = self.dims.tp if self.sequence_parallel and self.dims.tp > 1 else 1
-        message = self.rows * self.seq_len // shard * self.inventory.dim * self.residual_bytes
+        # The whole (B, T, dim) residual stream: lmforge's pipeline refuses sequence parallelism.
+        message = self.rows * self.seq_len * self.inventory.dim * self.residual_bytes
         sends = (stage != self.n_stages - 1) + (stage != 0)
         tally.add("pp", "p2p", message, sends * self.passes)
 
