@@ -41,4 +41,6 @@ def apply_fsdp(
         # The last block's parameters are needed again at once by backward: keeping them gathered
         # saves one all-gather per step.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root (embeddings, final norm, head) keeps its parameters gathered after forward: backward
+    # starts with the head at once, so resharding would only buy a second all-gather of it.
+    fully_shard(model, reshard_after_forward=False, **kwargs)

@@ -4,11 +4,11 @@
 rank issues in one optimizer step, by kind and by mesh dimension, computed from the model's
 parameter shapes (a meta-device model, nothing allocated) and from what lmforge's layouts do:
 
-    DDP    (dp_replicate > 1, dp_shard == 1)  all-reduce of every gradient, bucketed, once per step;
-           the buffers (Llama's RoPE tables) are broadcast from rank 0 once per step
+    DDP    (dp_replicate > 1, dp_shard == 1)  all-reduce of every gradient, bucketed, once per step
+           (no buffer broadcast: apply_ddp sets broadcast_buffers=False)
     FSDP2  (dp_shard > 1)                     per unit (each block, then the root: embeddings,
            final norm, head): all-gather of the parameters in forward and again in backward if it
-           reshards after forward (every unit but the last block), reduce-scatter of the gradients
+           reshards after forward (every block but the last; never the root), reduce-scatter of the gradients
            once per step; HSDP (dp_replicate > 1 too) then all-reduces the gradient shards across
            the replicas
     TP     (tp > 1)                           per block, per micro-batch: with sequence parallelism
@@ -436,8 +436,8 @@ class _Step:
         blocks = list(inv.stage_blocks(stage, self.n_stages))
         units = [([p for p in params if p.block == b], b != blocks[-1]) for b in blocks]
         # apply_fsdp: every block but the last reshards after forward (the last is needed at once by
-        # backward); the root follows the setting.
-        units.append(([p for p in params if p.block is None], True))
+        # backward); the root never does.
+        units.append(([p for p in params if p.block is None], False))
         for unit_params, may_reshard in units:
             numel = sum(inv.tp_local_numel(p, dims.tp, dims.dp_shard) for p in unit_params)
             reshards = self.reshard_after_forward and may_reshard
@@ -463,8 +463,7 @@ class _Step:
         """
         sizes = [math.prod(p.shape) * MASTER_BYTES for p in params]
         tally.add_calls("dp_replicate", "all_reduce", sum(sizes), _ddp_buckets(sizes))
-        buffers = self.inventory.buffer_bytes
-        tally.add_calls("dp_replicate", "broadcast", buffers, math.ceil(buffers / DDP_BROADCAST_BUCKET_BYTES))
+        # No buffer broadcast: apply_ddp sets broadcast_buffers=False (the RoPE tables are equal everywhere).
 
     def _tensor_parallel(self, tally: _Tally, stage: int) -> None:
         """Activations of one stage: per pass (micro-batch), forward and backward."""
