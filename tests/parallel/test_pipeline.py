@@ -8,7 +8,6 @@ model on the same global batches.
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import pytest
@@ -206,11 +205,11 @@ def _train_pipeline(family: str, schedule_name: str, pp_mesh) -> dict:
     }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=120)  # a failing peer ends the test instead of hanging it
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=PP, timeout=timeout
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=PP, timeout=timeout
     )
     try:
         pp_mesh = init_device_mesh("cpu", (PP,), mesh_dim_names=("pp",))["pp"]
@@ -221,17 +220,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory) -> Path:
     """Every case trained once by 2 spawned processes; results saved per case and rank."""
     out_dir = tmp_path_factory.mktemp("pipeline")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=PP, join=True)
+    mp.spawn(_worker, args=(str(out_dir / "rendezvous"), str(out_dir)), nprocs=PP, join=True)
     return out_dir
 
 

@@ -17,7 +17,6 @@ bug (a wrong head layout, a missing reduction, an untied head) is off by ~1e-3 i
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -46,12 +45,6 @@ CASES_TP2 = [
 # The llama debug flavor's 2 kv heads do not split 4 ways: 8 query heads on 4 kv heads keep GQA
 # (2 query heads per kv head) on every rank. One case only: 4 processes on a 2-core CPU are slow.
 CASES_TP4 = [("llama-gqa-sp", "llama", {"n_heads": 8, "n_kv_heads": 4}, True)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _loss(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -119,9 +112,9 @@ def _train_case(family: str, overrides: dict, sequence_parallel: bool, mesh) -> 
     return out
 
 
-def _worker(rank: int, world_size: int, port: int, cases: list, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, rendezvous: str, cases: list, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         mesh = init_device_mesh("cpu", (world_size,))
         results = {name: _train_case(family, ov, sp, mesh) for name, family, ov, sp in cases}
@@ -154,7 +147,11 @@ def run_tp(tmp_path_factory):
     def run(world_size: int, cases: list) -> list[dict]:
         if world_size not in cache:
             out_dir = tmp_path_factory.mktemp(f"tp{world_size}")
-            mp.spawn(_worker, args=(world_size, _free_port(), cases, str(out_dir)), nprocs=world_size)
+            mp.spawn(
+                _worker,
+                args=(world_size, str(out_dir / "rendezvous"), cases, str(out_dir)),
+                nprocs=world_size,
+            )
             cache[world_size] = [
                 json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)
             ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,9 +271,9 @@ def _run_case(case: Case) -> dict:
     }
 
 
-def _worker(rank: int, world_size: int, port: int, cases: dict[str, Case], out_dir: str) -> None:
+def _worker(rank: int, world_size: int, rendezvous: str, cases: dict[str, Case], out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     try:
         results = {name: _run_case(case) for name, case in cases.items()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -282,14 +281,8 @@ def _worker(rank: int, world_size: int, port: int, cases: dict[str, Case], out_d
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _measure(cases: dict[str, Case], world_size: int, out_dir: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world_size, _free_port(), cases, str(out_dir)), nprocs=world_size)
+    mp.spawn(_worker, args=(world_size, str(out_dir / "rendezvous"), cases, str(out_dir)), nprocs=world_size)
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
 
 
