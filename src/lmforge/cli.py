@@ -16,7 +16,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lmforge.bench import bench
-from lmforge.config import RunConfig, explain_parse_error, namespace_to_config
+from lmforge.config import RunConfig, explain_parse_error, namespace_to_config, read_config_file
 from lmforge.errors import ConfigError, LmforgeError
 
 
@@ -142,18 +142,31 @@ def export(run: str, out: str | None = None) -> None:
     print(json.dumps({"exported": str(path)}))
 
 
-def pretrain(config: RunConfig, out: str, resume: bool = False) -> None:
+def pretrain(config: RunConfig, out: str, resume: bool = False, resume_from: str | None = None) -> None:
     from lmforge.train.pretrain import pretrain as run
 
-    result = run(config, out, resume)
+    result = run(config, out, resume_from or resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
         print(json.dumps(result))
 
 
 PRETRAIN_HELP = (
-    "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume] [--section.key=value ...]. "
+    "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume | --resume-from CKPT] "
+    "[--section.key=value ...]. "
     "Sections: model, data, optim, schedule, train, checkpoint, logging."
 )
+
+
+class _ConfigFileAction(ActionConfigFile):
+    """`--config FILE`: the file's layout is checked first, so that a mistake in it is one line naming
+    the file and key (jsonargparse names a file `<unicode string>`, silently drops a section that is
+    not a mapping and lets a non-UTF-8 file raise a UnicodeDecodeError)."""
+
+    def __call__(self, parser, cfg, values, option_string=None):
+        # Not a file: jsonargparse reads it as an inline YAML string, or says that it does not exist.
+        if Path(values).is_file():
+            read_config_file(values)
+        super().__call__(parser, cfg, values, option_string)
 
 
 def _function_parser(fn, positional: bool = False) -> ArgumentParser:
@@ -175,10 +188,15 @@ def build_parser() -> ArgumentParser:
 
     pretrain_parser = ArgumentParser(exit_on_error=False, allow_abbrev=False, description=PRETRAIN_HELP)
     pretrain_parser.add_argument(
-        "--config", action=ActionConfigFile, help="Recipe YAML (e.g. recipes/tiny.yaml)."
+        "--config", action=_ConfigFileAction, help="Recipe YAML (e.g. recipes/tiny.yaml)."
     )
     pretrain_parser.add_argument("--out", type=str, required=True, help="Run directory.")
-    pretrain_parser.add_argument("--resume", action="store_true", help="Continue the run in --out.")
+    pretrain_parser.add_argument(
+        "--resume", action="store_true", help="Continue the run in --out from its newest valid checkpoint."
+    )
+    pretrain_parser.add_argument(
+        "--resume_from", type=str, help="Continue the run in --out from exactly this checkpoint directory."
+    )
     pretrain_parser.add_class_arguments(RunConfig, None)
     commands.add_subcommand("pretrain", pretrain_parser, help="Pretrain a model from a recipe.")
 
@@ -213,7 +231,8 @@ def _normalize(argv: list[str]) -> list[str]:
 
 def _resume_config(argv: list[str]) -> list[str]:
     """`pretrain --out DIR --resume` without --config reads DIR/config.yaml (overrides still apply)."""
-    if argv[:1] != ["pretrain"] or "--resume" not in argv or any(a.startswith("--config") for a in argv):
+    resuming = any(a == "--resume" or a.startswith("--resume_from") for a in argv)
+    if argv[:1] != ["pretrain"] or not resuming or any(a.startswith("--config") for a in argv):
         return argv
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
     if out is None and "--out" in argv and argv.index("--out") + 1 < len(argv):
@@ -228,7 +247,7 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
     sub = args[command]
     if command == "pretrain":
         values = parser._subcommands_action._name_parser_map["pretrain"].instantiate(sub)  # noqa: SLF001
-        pretrain(namespace_to_config(values), values.out, values.resume)
+        pretrain(namespace_to_config(values), values.out, values.resume, values.resume_from)
         return
     if command == "data":
         prepare(**sub.prepare.as_dict())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -155,6 +156,10 @@ class TrainConfig:
         eval_every: Evaluate on the validation split every N steps (and at the end); 0 disables periodic evaluation.
         eval_batches: Validation batches per evaluation.
         sample_tokens: Tokens of sample text generated at each evaluation (0: none).
+        nonfinite_patience: A step whose loss or gradient norm is NaN/Inf is skipped (no optimizer step); this many in a row trigger nonfinite_action.
+        nonfinite_action: rollback (reload the last checkpoint, keep reading new data) or stop (exit with an error).
+        rollback_lr_factor: Multiply the learning rate by this after each rollback.
+        max_rollbacks: Stop instead of rolling back once this many rollbacks happened.
     """
 
     max_steps: int = 1000
@@ -168,6 +173,10 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     sample_tokens: int = 48
+    nonfinite_patience: int = 3
+    nonfinite_action: Literal["rollback", "stop"] = "rollback"
+    rollback_lr_factor: float = 1.0
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", "> 0", self.max_steps)
@@ -183,6 +192,11 @@ class TrainConfig:
                  "auto, cpu, cuda or cuda:N", self.device)  # fmt: skip
         _require(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
         _require(self.eval_batches > 0, "train.eval_batches", "> 0", self.eval_batches)
+        _require(self.nonfinite_patience > 0, "train.nonfinite_patience", "> 0", self.nonfinite_patience)
+        _require(
+            0 < self.rollback_lr_factor <= 1, "train.rollback_lr_factor", "in (0, 1]", self.rollback_lr_factor
+        )
+        _require(self.max_rollbacks >= 0, "train.max_rollbacks", ">= 0", self.max_rollbacks)
 
 
 @dataclass
@@ -311,28 +325,89 @@ def run_config_parser():
     return parser
 
 
+# A recipe is a few hundred bytes and a few dozen values; a larger file passed as a config is a
+# mistake (a checkpoint, a corpus) and is refused before it is read into memory, and YAML aliases that
+# expand to more values (an "alias bomb": 1 KB that expands to 10^9 values) before they are expanded.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 10_000
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read and type-check a config YAML file (a recipe or a run's config.yaml)."""
+    return parse_config_dict(read_config_file(path), origin=f"config file {path}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The sections of a config YAML file, its layout checked: ConfigError naming the file and key if
+    it is not UTF-8 YAML, not a mapping of known sections or a section has an unknown key. The
+    values' types are checked by the parser (`parse_config_dict`, or the CLI's)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        text = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} has {size} bytes: too large for a config (at most 1 MiB)")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {one_line(str(err))}") from None
-    return parse_config_dict(text or {}, origin=str(path))
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or one_line(str(err))
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {reason}") from None
+    if values is None:  # an empty (or truncated to nothing) file: jsonargparse's message names neither
+        raise ConfigError(f"config file {path} is empty (expected a mapping of sections)")
+    _check_value_count(values, origin=f"config file {path}")  # first: a layout error shows values
+    check_config_layout(values, origin=f"config file {path}")
+    return values
+
+
+def _check_value_count(values: object, origin: str) -> None:
+    """ConfigError if `values`, aliases expanded, holds more than MAX_CONFIG_VALUES values (counts no further)."""
+    pending, count = [values], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{origin} holds more than {MAX_CONFIG_VALUES} values (YAML aliases that expand?)"
+            )
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
+def check_config_layout(values: object, origin: str = "config") -> None:
+    """ConfigError unless `values` is a mapping of known sections, each a mapping of known keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(values).__name__}")
+    section_types = typing.get_type_hints(RunConfig)
+    for section, keys in values.items():
+        if section not in section_types:
+            raise ConfigError(
+                f"{origin}: unknown config section '{section}' (expected one of {', '.join(section_types)})"
+            )
+        if not isinstance(keys, dict):
+            raise ConfigError(
+                f"{origin}: config section '{section}' must be a mapping of keys, got {one_line(repr(keys))[:80]}"
+            )
+        known = [f.name for f in dataclasses.fields(section_types[section])]
+        for key in keys:
+            if key not in known:
+                raise ConfigError(
+                    f"{origin}: unknown config key '{section}.{key}' (expected one of {', '.join(known)})"
+                )
 
 
 def parse_config_dict(values: dict, origin: str = "config") -> RunConfig:
     parser = run_config_parser()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(values).__name__}")
-    sections = [f.name for f in dataclasses.fields(RunConfig)]
-    for key in values:
-        if key not in sections:
-            raise ConfigError(
-                f"{origin}: unknown config section '{key}' (expected one of {', '.join(sections)})"
-            )
+    check_config_layout(values, origin)
     try:
         namespace = parser.parse_object(values)
         return namespace_to_config(parser.instantiate(namespace))

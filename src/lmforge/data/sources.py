@@ -34,6 +34,7 @@ STDLIB = "stdlib"
 _GLOB_CHARS = "*?["
 _SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 _PARQUET_BATCH_ROWS = 1024
+_SNIFF_BYTES = 1 << 16
 
 
 def _stdlib_dir() -> Path:
@@ -101,7 +102,9 @@ def iter_documents(
     :class:`DataWarning` if ``warn``. DataError if the source does not exist or has no document.
     ``exclude``: as for :func:`list_files`.
     """
-    root, files = _resolve(source, exclude)  # now, so that a missing source fails at the call
+    root, files = _resolve(source, exclude)  # now, so that a missing or empty source fails at the call
+    if not files:
+        raise DataError(f"corpus '{source}' has no readable text documents (0 files looked at)")
     return _documents(source, root, files, skipped, warn)
 
 
@@ -109,6 +112,8 @@ def _documents(
     source: str, root: Path, files: list[Path], skipped: list[str] | None, warn: bool
 ) -> Iterator[tuple[str, str]]:
     n_documents = 0
+    skipped = [] if skipped is None else skipped
+    n_skipped_before = len(skipped)
     for path in files:
         origin = path.relative_to(root).as_posix()
         suffix = path.suffix.lower()
@@ -123,18 +128,39 @@ def _documents(
                 n_documents += 1
                 yield doc
     if n_documents == 0:
-        raise DataError(f"corpus '{source}' has no readable text documents ({len(files)} files looked at)")
+        n_skipped = len(skipped) - n_skipped_before
+        raise DataError(
+            f"corpus '{source}' has no readable text documents ({len(files)} files looked at, "
+            f"{n_skipped} skipped as binary or not UTF-8)"
+        )
+
+
+def _sniff(head: bytes) -> str | None:
+    """Why a file's first bytes show it is not text, or None (a character cut at their end is fine)."""
+    if b"\0" in head:
+        return "binary (has NUL bytes)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.end < len(head):
+            return f"not UTF-8 (byte {err.start})"
+    return None
 
 
 def _read_text(path: Path, origin: str, skipped: list[str] | None, warn: bool) -> Iterator[tuple[str, str]]:
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            # A binary file (an archive, a checkpoint left in the corpus) shows it in its first bytes:
+            # it is skipped without being read into memory whole.
+            reason = _sniff(f.read(_SNIFF_BYTES))
+            if reason is None:
+                f.seek(0)
+                data = f.read()
     except OSError as err:
         raise DataError(f"cannot read corpus file {path}: {err.strerror}") from err
-    reason = None
-    if b"\0" in data:
+    if reason is None and b"\0" in data:
         reason = "binary (has NUL bytes)"
-    else:
+    if reason is None:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.rendezvous import rendezvous
 
 from lmforge.config import ParallelConfig
 from lmforge.errors import ConfigError
@@ -72,7 +73,18 @@ def init_distributed(device: torch.device, timeout_s: int) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    # A job torchrun restarted after a failure: torchrun shares its rendezvous store with the
+    # workers and keeps it across restarts, so the process-group keys found there are the dead
+    # attempt's and connecting to them fails (pytorch/pytorch#135712; seen with gloo, torch 2.13).
+    # The keys of each attempt get their own prefix.
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"lmforge/attempt_{restart}/", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def local_device(device: torch.device) -> torch.device:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,8 +39,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from lmforge.config import RunConfig, config_sha256, save_config
+from lmforge.config import RunConfig, config_sha256, one_line, save_config
 from lmforge.errors import CheckpointError
+from lmforge.faults import fault
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -92,16 +93,31 @@ def _load_tensors(template: dict[str, torch.Tensor], directory: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         reader = dcp.HuggingFaceStorageReader(str(directory))
-        dcp.load(template, storage_reader=reader, no_dist=not _distributed())
+        try:
+            dcp.load(template, storage_reader=reader, no_dist=not _distributed())
+        except (dcp.CheckpointException, SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"cannot read the tensors of {directory}: {one_line(str(err))[:300]}"
+            ) from None
 
 
 def _tensor_headers(directory: Path) -> dict[str, list[int]]:
-    """Name → shape of every tensor in the safetensors files of `directory`, from the headers only."""
+    """Name → shape of every tensor in the safetensors files of `directory`, from the headers only.
+
+    Parsing is safetensors' own (bounded: it refuses a header over 100 MB before reading it); any
+    file it cannot parse is a CheckpointError naming the file.
+    """
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint directory {directory} has no .safetensors file")
     headers = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                headers[key] = f.get_slice(key).get_shape()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    headers[key] = f.get_slice(key).get_shape()
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"checkpoint file {file} is not a valid safetensors file ({err})") from None
     return headers
 
 
@@ -137,12 +153,11 @@ def model_state_dict(part: nn.Module) -> dict[str, torch.Tensor]:
     return {alias.get(name, name): t for name, t in get_model_state_dict(part).items() if name not in tied}
 
 
-def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) -> None:
-    """Load safetensors weights into the model (or its pipeline stages) in place, shapes checked."""
-    parts = parts if isinstance(parts, list) else [parts]
-    templates = [model_state_dict(part) for part in parts]
+def check_weight_shapes(expected: dict[str, torch.Tensor], weights_dir: Path) -> None:
+    """CheckpointError unless the safetensors files of `weights_dir` hold every expected tensor in
+    its expected shape (read from the headers: nothing is loaded)."""
     headers = _tensor_headers(weights_dir)
-    for name, tensor in (item for template in templates for item in template.items()):
+    for name, tensor in expected.items():
         if name not in headers:
             raise CheckpointError(f"checkpoint {weights_dir} has no tensor '{name}'")
         if list(tensor.shape) != list(headers[name]):
@@ -150,6 +165,13 @@ def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) ->
                 f"checkpoint {weights_dir}: tensor '{name}' has shape {list(headers[name])}, "
                 f"the model expects {list(tensor.shape)}"
             )
+
+
+def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) -> None:
+    """Load safetensors weights into the model (or its pipeline stages) in place, shapes checked."""
+    parts = parts if isinstance(parts, list) else [parts]
+    templates = [model_state_dict(part) for part in parts]
+    check_weight_shapes({k: v for template in templates for k, v in template.items()}, weights_dir)
     for part, template in zip(parts, templates, strict=True):
         # One load per part: a rank may hold the same checkpoint tensor twice (never here, as the
         # first and last pipeline stages are on different ranks, but a dict could not say so).
@@ -178,11 +200,15 @@ def _fsync_tree(directory: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -245,56 +271,111 @@ def save_checkpoint(
     """Write `run_dir/checkpoints/step_N` atomically and keep the newest `keep_last`.
 
     `parts`: the model, or this rank's pipeline stages (one optimizer each). Every rank calls this.
+    A failed write (a full disk, ...) raises CheckpointError on every rank and leaves no partial
+    checkpoint behind: the previous one stays the newest valid checkpoint.
     """
     parts = parts if isinstance(parts, list) else [parts]
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     root = run_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp"
+    try:
+        if _is_writer():
+            root.mkdir(parents=True, exist_ok=True)
+            recover_interrupted_save(root)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash mid-save; it was never valid
+            tmp.mkdir()
+        _barrier()
+        _write_checkpoint(tmp, step, parts, optimizers, trainer_state, cfg, tokenizer_path)
+        error = None
+    except OSError as err:  # DCP raises the first rank's error on every rank
+        error = f"{type(err).__name__}: {err}"
+    except dcp.CheckpointException as err:
+        error = one_line(str(err))
+    error = _first_error(error)
+    if error is not None:
+        if _is_writer():
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in list_checkpoints(run_dir)]
+        raise CheckpointError(
+            f"cannot write checkpoint {final} ({error}); "
+            + (
+                f"the newest checkpoint is still {previous[-1]}"
+                if previous
+                else "no earlier checkpoint exists"
+            )
+        )
     if _is_writer():
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash mid-save; it was never valid
-        tmp.mkdir()
+        _publish(tmp, final, step)
+        _prune(root, keep_last)
     _barrier()
+    return final
 
+
+def _first_error(error: str | None) -> str | None:
+    """Every rank learns whether any rank failed (rank 0 writes alone, the others wait on it)."""
+    if not _distributed():
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _write_checkpoint(tmp: Path, step: int, parts, optimizers, trainer_state, cfg, tokenizer_path) -> None:
     _save_tensors({k: v for part in parts for k, v in model_state_dict(part).items()}, tmp / "model")
+    fault("checkpoint.mid_shard", step, shard_dir=tmp / "model" if _is_writer() else None)
     optim_tensors, optim_scalars = {}, {}
     for part, optimizer in zip(parts, optimizers, strict=True):
         tensors, rest = _optimizer_state(part, optimizer)
         optim_tensors.update(tensors)
         optim_scalars.update(rest["scalars"])
     _save_tensors(optim_tensors, tmp / "optimizer")
+    if not _is_writer():
+        return
     # Scalars (Adam's step) are equal for every parameter of a run: rank 0's stand for all.
-    if _is_writer():
-        state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": {"scalars": optim_scalars}}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        save_config(cfg, tmp / "config.yaml")
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        files = {
-            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        manifest = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "config_sha256": config_sha256(cfg),
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():  # the same step written again (a run resumed at its last step)
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
+    state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": {"scalars": optim_scalars}}
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    save_config(cfg, tmp / "config.yaml")
+    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    fault("checkpoint.before_manifest", step)
+    files = {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
+    manifest = {"format": FORMAT_VERSION, "step": step, "config_sha256": config_sha256(cfg), "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_tree(tmp)
+
+
+def _publish(tmp: Path, final: Path, step: int) -> None:
+    """Rename the complete temporary directory into place (rank 0)."""
+    fault("checkpoint.before_rename", step)
+    if final.exists():  # the same step written again (a run resumed at its last step)
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        fault("checkpoint.during_rename", step)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)  # the rename itself survives a power loss
+    fault("checkpoint.after_rename", step)
+
+
+def recover_interrupted_save(root: Path) -> None:
+    """Undo what a death between the two renames of a re-save leaves: `.step_N.old` without
+    `step_N` is the valid checkpoint moved aside; put it back. Temporary directories are removed."""
+    for old in root.glob(".step_*.old"):
+        final = root / old.name[1:].removesuffix(".old")
+        if final.exists():
             shutil.rmtree(old)
         else:
-            os.replace(tmp, final)
-        _prune(root, keep_last)
-    _barrier()
-    return final
+            os.replace(old, final)
+    for tmp in root.glob(".step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -360,8 +441,10 @@ def latest_checkpoint(run_dir: Path) -> Path:
             return ckpt_dir
         except CheckpointError as err:
             warnings.warn(f"skipping checkpoint {ckpt_dir.name}: {err}", stacklevel=2)
+            reason = str(err)
     raise CheckpointError(
-        f"run directory {run_dir} has no valid checkpoint (all {len(candidates)} failed verification)"
+        f"run directory {run_dir} has no valid checkpoint (all {len(candidates)} failed verification; "
+        f"the oldest: {reason})"
     )
 
 
@@ -379,11 +462,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict:
+    """The JSON trainer state; anything else there (a pickle, say) is refused without being run."""
     path = ckpt_dir / TRAINER_STATE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"trainer state {path} cannot be read ({type(err).__name__}: {err})") from None
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"trainer state {path} is not a JSON file ({type(err).__name__}: {one_line(str(err))[:120]})"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"trainer state {path} has no integer 'step'")
+    return state
 
 
 def load_checkpoint(
@@ -428,6 +517,9 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     config.yaml and tokenizer.json; written to a temporary name first. Holds the weights in memory."""
     from safetensors.torch import save_file
 
+    from lmforge.api import meta_model  # (import here: lmforge.api imports this module)
+
+    check_weight_shapes(model_state_dict(meta_model(ckpt_dir)), ckpt_dir / "model")
     weights = {}
     for file in sorted((ckpt_dir / "model").glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:

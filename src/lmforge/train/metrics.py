@@ -1,9 +1,10 @@
 """What a run reports: a progress bar, RUN/metrics.jsonl, TensorBoard events, RUN/loss.png.
 
 metrics.jsonl holds one JSON object per logged training step
-    {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s"}
-and one per evaluation
-    {"step", "val_loss", "val_ppl"}.
+    {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s", "nonfinite_steps"}
+one per evaluation
+    {"step", "val_loss", "val_ppl"}
+and one per event, a skipped non-finite step or a rollback: {"step", "event", ...}.
 Floats are written with Python's repr, so a value read back is bit-identical to the logged one.
 """
 
@@ -39,7 +40,9 @@ class MetricsLogger:
             return
         # A resumed run drops what was logged after its checkpoint: those steps are run again.
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(".metrics.jsonl.tmp")  # a crash now must not lose the history
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
         self.file = open(self.path, "a")  # noqa: SIM115 - open for the whole run
         self.tb = None
         if cfg.tensorboard:
@@ -78,6 +81,10 @@ class MetricsLogger:
         if record.get("mfu") is not None:
             postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
         self.bar.set_postfix(postfix, refresh=False)
+
+    def event(self, record: dict) -> None:
+        """Something that happened at a step ({"step", "event", ...}): a skipped step, a rollback."""
+        self.write(record)
 
     def log_eval(self, record: dict) -> None:
         if not self.enabled:

@@ -7,6 +7,8 @@ optimizer → restore a checkpoint if resuming → compile (applied from outside
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from lmforge.data.prepare import load_manifest, prepare_data
 from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.evaluate.perplexity import evaluate_loss
+from lmforge.faults import fault
 from lmforge.infer.generate import complete
 from lmforge.models import build_model, model_config
 from lmforge.parallel.apply import gradient_sync, parallelize, validate_layout
@@ -42,7 +45,15 @@ from lmforge.runtime import (
     resolve_precision,
     synchronize,
 )
-from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    recover_interrupted_save,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from lmforge.train.guards import NonFiniteGuard, StopSignal, step_status
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizer
 from lmforge.train.pipeline_step import PipelineStep
@@ -101,18 +112,20 @@ def check_resume_compatible(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> 
 
 
 def _on_rank0(fn, *args):
-    """Run fn on rank 0 only (file writes, data preparation); the others wait, and raise its error too."""
+    """Run fn on rank 0 only (file writes, data preparation, checksums) and give every rank its
+    result; the others wait, and raise its error too."""
     if not dist.is_initialized():
         return fn(*args)
-    error = [None]
+    outcome: list = [None, None]  # [error, result]
     if dist.get_rank() == 0:
         try:
-            fn(*args)
+            outcome[1] = fn(*args)
         except LmforgeError as err:
-            error[0] = str(err)
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise LmforgeError(error[0] if dist.get_rank() == 0 else f"rank 0 failed: {error[0]}")
+            outcome[0] = str(err)
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise LmforgeError(outcome[0] if dist.get_rank() == 0 else f"rank 0 failed: {outcome[0]}")
+    return outcome[1]
 
 
 def _global_mean(value: torch.Tensor) -> torch.Tensor:
@@ -129,19 +142,58 @@ def _full(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def _check_start(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run); refuses to overwrite or to resume nothing."""
+def _peer_failure(err: BaseException) -> bool:
+    """A collective that timed out or lost a peer (rather than a bug on this rank)."""
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(
+        word in text
+        for word in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+    )
+
+
+def _first_sentence(err: BaseException) -> str:
+    """'Connection closed by peer [127.0.0.1]:4505' of a gloo/NCCL error, without its source location."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(err).strip().splitlines()[0])
+    return text.split(". ")[0].rstrip(".")
+
+
+def _restart_count() -> int:
+    """How many times torchrun restarted this job (0 outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint a run starts from, decided on rank 0 (which alone reads every checksum).
+
+    resume=True: the newest valid checkpoint (older ones are tried with a warning naming the bad
+    file); a path: exactly that checkpoint, or an error. A job torchrun restarted after a failure
+    resumes by itself when its first attempt left checkpoints. Never silently from scratch.
+    """
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        recover_interrupted_save(root)
+    if resume not in (True, False):
+        ckpt_dir = Path(resume)
+        verify_checkpoint(ckpt_dir)
+        return ckpt_dir
     if resume:
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
-        ckpt_dir = latest_checkpoint(run_dir)
-        check_resume_compatible(load_config(ckpt_dir / "config.yaml"), cfg, run_dir)
-        return ckpt_dir
+        return latest_checkpoint(run_dir)
     if list_checkpoints(run_dir):
+        if _restart_count() > 0:
+            return latest_checkpoint(run_dir)
         raise CheckpointError(
             f"run directory {run_dir} already has checkpoints: pass --resume, or choose another --out"
         )
     return None
+
+
+def _check_start(run_dir: Path, cfg: RunConfig, resume: bool | str | Path) -> Path | None:
+    ckpt_dir = _on_rank0(_checkpoint_to_resume, run_dir, resume)
+    if ckpt_dir is not None:
+        check_resume_compatible(load_config(ckpt_dir / "config.yaml"), cfg, run_dir)
+    return ckpt_dir
 
 
 def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, device: torch.device, dtype):
@@ -165,10 +217,12 @@ def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, d
     return model, step_module
 
 
-def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
-    """Train and return the last evaluation ({"step", "val_loss", "val_ppl"}).
+def pretrain(cfg: RunConfig, out: str | Path, resume: bool | str | Path = False) -> dict:
+    """Train and return the last evaluation ({"step", "val_loss", "val_ppl"}), or
+    {"step", "stopped_by"} when SIGTERM/SIGINT ended the run after a checkpoint.
 
-    Under torchrun every process calls this; the layout comes from `cfg.parallel`.
+    resume: True continues from the run's newest valid checkpoint, a checkpoint directory from
+    exactly that one. Under torchrun every process calls this; the layout comes from `cfg.parallel`.
     """
     run_dir = Path(out)
     world_size = world_size_from_env()
@@ -177,13 +231,22 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: bool = False) -> dict:
     if dims.distributed:
         init_distributed(device, cfg.parallel.timeout_s)
     try:
-        return _pretrain(cfg, run_dir, resume, dims, device)
+        with StopSignal() as stop_signal:
+            return _pretrain(cfg, run_dir, resume, dims, device, stop_signal)
+    except RuntimeError as err:  # gloo/NCCL errors are RuntimeErrors (DistBackendError among them)
+        if dims.distributed and _peer_failure(err):
+            raise LmforgeError(
+                f"rank {dist.get_rank()}: a collective failed ({_first_sentence(err)}): another rank died "
+                f"or stopped answering for parallel.timeout_s={cfg.parallel.timeout_s}s"
+            ) from err
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, device: torch.device) -> dict:
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: ParallelDims, device: torch.device,
+              stop_signal: StopSignal) -> dict:  # fmt: skip
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt_dir = _check_start(run_dir, cfg, resume)
     dtype = resolve_precision(cfg.train.precision, device)
@@ -233,10 +296,14 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
     dp_rank_index = dp_rank(mesh, dims) if mesh is not None else 0
     loader = BatchLoader(data_dir, "train", micro_batch, seq_len, cfg.train.seed, dp_rank_index, dims.dp)
     step = 0
+    guard = NonFiniteGuard(cfg.train)
     if ckpt_dir is not None:
         state = load_checkpoint(ckpt_dir, parts, optimizers)
         step = state["step"]
         loader.load_state_dict(state["loader"])
+        guard.load_state_dict(state.get("guard", {}))
+        if rank == 0:
+            print(f"resuming from {ckpt_dir} (step {step})", flush=True)
     _on_rank0(save_config, cfg, run_dir / "config.yaml")
 
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
@@ -274,14 +341,26 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
         return record
 
     def checkpoint(at_step: int) -> None:
-        save_checkpoint(run_dir, at_step, parts, optimizers, {"loader": loader.state_dict()}, cfg, tokenizer_path,
+        trainer_state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
+        save_checkpoint(run_dir, at_step, parts, optimizers, trainer_state, cfg, tokenizer_path,
                         cfg.checkpoint.keep_last)  # fmt: skip
+
+    def rollback() -> int:
+        """Reload the last checkpoint's model and optimizer (not its data position); its step."""
+        ckpt = _on_rank0(latest_checkpoint, run_dir) if list_checkpoints(run_dir) else None
+        if ckpt is None:
+            raise LmforgeError("training stopped: non-finite steps and no checkpoint to roll back to")
+        restored = load_checkpoint(ckpt, parts, optimizers)["step"]
+        log.event({"step": step, "event": "rollback", "to_step": restored, "lr_scale": guard.lr_scale})
+        log.print(f"step {step}: {cfg.train.nonfinite_patience} non-finite steps in a row, rolled back to "
+                  f"{ckpt.name} with the learning rate scaled by {guard.lr_scale:g}")  # fmt: skip
+        return restored
 
     last_eval: dict = {}
     started = last_log_time = time.perf_counter()
     last_log_step = step
     while step < max_steps:
-        lr = lr_at(step, cfg.schedule, cfg.optim.lr, total_steps)
+        lr = lr_at(step, cfg.schedule, cfg.optim.lr, total_steps) * guard.lr_scale
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -300,19 +379,39 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
                     with autocast(device, dtype):
                         logits = train_model(inputs)  # (B, T, V)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum_steps
+                    if fault("train.loss", step + 1):
+                        loss = loss * float("nan")
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizers[0])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-        scaler.update()
+        # With fp16 the GradScaler skips overflowing steps itself; a non-finite loss is ours to handle.
+        bad, stop = step_status(
+            loss_sum, grad_norm, stop_signal.requested is not None, not scaler.is_enabled()
+        )
+        if bad:  # skip the update: parameters and optimizer state stay as they were
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            action = guard.bad_step(step + 1)
+            log.event({"step": step + 1, "event": "nonfinite", "action": action,
+                       "nonfinite_steps": guard.total})  # fmt: skip
+            if scaler.is_enabled():
+                scaler.update()
+        else:
+            guard.good_step()
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
+            scaler.update()
         step += 1
         log.advance()
+        fault("train.step", step)
+        if bad and action == "rollback":
+            step = last_log_step = rollback()
+            continue
 
-        if step % cfg.logging.log_every == 0 or step == max_steps:
-            # The only host syncs of the loop: .item() on logging steps, never on the others.
+        if not bad and (step % cfg.logging.log_every == 0 or step == max_steps):
+            # Host syncs: .item() on logging steps, and step_status's flags (above) every step.
             loss_value, grad_norm_value = _global_mean(loss_sum).item(), _full(grad_norm).item()
             synchronize(device)
             now = time.perf_counter()
@@ -325,13 +424,20 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, dims: ParallelDims, d
                 "tokens_per_sec": tokens_per_sec,
                 "mfu": flops_per_token * tokens_per_sec / (peak * dims.world_size) if peak else None,
                 "elapsed_s": now - started,
+                "nonfinite_steps": guard.total,
             })  # fmt: skip
             last_log_time, last_log_step = now, step
         paused_at = time.perf_counter()  # evaluation and checkpoints do not count towards tokens/s
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != max_steps:
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != max_steps and not stop:
             last_eval = evaluate(step)
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != max_steps:
+        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if step != max_steps and (periodic or stop):
             checkpoint(step)
+        if stop and step != max_steps:  # preempted: the checkpoint is written, exit cleanly
+            log.print(f"{stop_signal.requested or 'another rank'}: checkpoint written at step {step}, stopping; "
+                      f"continue with --resume")  # fmt: skip
+            log.close()
+            return {"step": step, "stopped_by": stop_signal.requested or "another rank's signal"}
         last_log_time += time.perf_counter() - paused_at
 
     last_eval = evaluate(step) if not last_eval or last_eval["step"] != step else last_eval

@@ -1,0 +1,116 @@
+"""What keeps a run alive through bad steps and preemption.
+
+- `StopSignal`: SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) asks the loop to write a
+  checkpoint at the next step boundary and exit 0; a second SIGINT interrupts at once.
+- `step_status`: whether this step's loss or gradient norm is non-finite and whether a stop was
+  requested, agreed by every rank in one two-number all-reduce.
+- `NonFiniteGuard`: a non-finite step is skipped (no optimizer step, its state untouched); after
+  `train.nonfinite_patience` of them in a row the run rolls back to its last checkpoint (the LR
+  scaled by `train.rollback_lr_factor`) or stops, as `train.nonfinite_action` says.
+
+Rolling back keeps the data loader where it is: the batches that led to the bad steps are not
+replayed. PaLM (Chowdhery et al. 2022, section 5.1) handled its loss spikes the same way,
+restarting from an earlier checkpoint and skipping the data batches around the spike.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from lmforge.config import TrainConfig
+from lmforge.errors import LmforgeError
+
+
+class StopSignal:
+    """Context manager: while active, SIGTERM/SIGINT set `requested` (the signal's name) instead of
+    killing the process. Outside the main thread (signals cannot be caught there) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def step_status(
+    loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool, check_grad: bool
+) -> tuple[bool, bool]:
+    """(non-finite, stop) for this step, the same on every rank.
+
+    A NaN on one rank reaches every rank's gradients through the gradient reduction, but its loss
+    stays local, and a signal may reach one rank only: hence the all-reduce (MAX) of both flags.
+    This `.tolist()` is the loop's one host sync on steps that do not log: deciding whether to
+    step the optimizer needs the answer on the host.
+    """
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    bad = ~torch.isfinite(loss)
+    if check_grad:
+        bad = bad | ~torch.isfinite(grad_norm)
+    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=loss.device)])
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_flag, stop_flag = flags.tolist()
+    return bad_flag > 0, stop_flag > 0
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps and decides what the loop does about them."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.consecutive = 0
+        self.total = 0  # non-finite steps over the whole run (kept across resumes)
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+
+    def good_step(self) -> None:
+        self.consecutive = 0
+
+    def bad_step(self, step: int) -> str:
+        """'skip', or 'rollback' when patience ran out; raises LmforgeError when the run must stop."""
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive < self.cfg.nonfinite_patience:
+            return "skip"
+        what = (
+            f"{self.consecutive} consecutive steps (up to step {step}) had a non-finite loss or gradient norm"
+        )
+        if self.cfg.nonfinite_action == "stop":
+            raise LmforgeError(f"training stopped: {what} (train.nonfinite_action is 'stop')")
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            raise LmforgeError(
+                f"training stopped: {what} after {self.rollbacks} rollbacks (train.max_rollbacks)"
+            )
+        self.rollbacks += 1
+        self.consecutive = 0
+        self.lr_scale *= self.cfg.rollback_lr_factor
+        return "rollback"
+
+    def state_dict(self) -> dict:
+        return {"nonfinite_steps": self.total, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = int(state.get("nonfinite_steps", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
