@@ -60,6 +60,7 @@ class DataConfig:
         val_fraction: Fraction of documents held out for validation.
         seq_len: Tokens per training window (the model's context length).
         num_workers: Tokenizer worker processes (default: all cores).
+        loader_workers: Processes that read training batches ahead of the step (0: the training process reads them).
     """
 
     source: str = "stdlib"
@@ -69,6 +70,7 @@ class DataConfig:
     val_fraction: float = 0.01
     seq_len: int = 256
     num_workers: int | None = None
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -79,6 +81,7 @@ class DataConfig:
         )
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "in (0, 1)", self.val_fraction)
         _require(self.seq_len > 0, "data.seq_len", "> 0", self.seq_len)
+        _require(self.loader_workers >= 0, "data.loader_workers", ">= 0", self.loader_workers)
 
 
 @dataclass
@@ -225,12 +228,14 @@ class LoggingConfig:
         progress: Show a progress bar.
         tensorboard: Write TensorBoard events to RUN/tb.
         plot: Write RUN/loss.png at the end.
+        batch_hashes: Write RUN/batches/rank_R.jsonl: a hash of every micro-batch each rank trains on (to audit data order across resumes).
     """
 
     log_every: int = 10
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
+    batch_hashes: bool = False
 
     def __post_init__(self) -> None:
         _require(self.log_every > 0, "logging.log_every", "> 0", self.log_every)

@@ -10,10 +10,12 @@ Floats are written with Python's repr, so a value read back is bit-identical to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from lmforge.config import LoggingConfig
@@ -23,6 +25,38 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class BatchLog:
+    """RUN/batches/rank_R.jsonl: {"step", "sha256"} of every micro-batch's input tokens on rank R,
+    in the order trained; a resumed run first drops what was logged after its checkpoint."""
+
+    def __init__(self, run_dir: Path, rank: int, start_step: int, enabled: bool):
+        self.file = None
+        if not enabled:
+            return
+        path = run_dir / "batches" / f"rank_{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(path) if r["step"] <= start_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+        self.file = open(path, "a")  # noqa: SIM115 - open for the whole run
+
+    def record(
+        self, step: int, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log the batch (host tensors, before they move to the device) and return it."""
+        if self.file is not None:
+            digest = hashlib.sha256(batch[0].numpy().tobytes()).hexdigest()[:32]
+            self.file.write(json.dumps({"step": step, "sha256": digest}) + "\n")
+            self.file.flush()
+        return batch
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class MetricsLogger:

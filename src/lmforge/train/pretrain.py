@@ -54,7 +54,7 @@ from lmforge.train.checkpoint import (
     verify_checkpoint,
 )
 from lmforge.train.guards import NonFiniteGuard, StopSignal, step_status
-from lmforge.train.metrics import MetricsLogger
+from lmforge.train.metrics import BatchLog, MetricsLogger
 from lmforge.train.optim import build_optimizer
 from lmforge.train.pipeline_step import PipelineStep
 from lmforge.train.schedule import lr_at
@@ -101,13 +101,20 @@ def run_model_config(cfg: ModelConfig, seq_len: int, tokenizer_vocab: int):
         raise ConfigError(f"config key 'model': {err}") from None
 
 
+# Keys of the data section that change how fast data is read, not which tokens are trained on.
+DATA_SPEED_KEYS = ("num_workers", "loader_workers")
+
+
 def check_resume_compatible(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
     """A resumed run may change how long it trains, not what it trains."""
     for section in ("model", "data"):
-        if to_dict(saved)[section] != to_dict(cfg)[section]:
+        old, new = to_dict(saved)[section], to_dict(cfg)[section]
+        if section == "data":
+            old, new = ({k: v for k, v in d.items() if k not in DATA_SPEED_KEYS} for d in (old, new))
+        if old != new:
             raise ConfigError(
                 f"cannot resume {run_dir}: config section '{section}' differs from the run's config.yaml "
-                f"({to_dict(saved)[section]} vs {to_dict(cfg)[section]})"
+                f"({old} vs {new})"
             )
 
 
@@ -294,7 +301,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         parts, optimizers = [model], [build_optimizer(model, cfg.optim, device.type)]
 
     dp_rank_index = dp_rank(mesh, dims) if mesh is not None else 0
-    loader = BatchLoader(data_dir, "train", micro_batch, seq_len, cfg.train.seed, dp_rank_index, dims.dp)
+    loader = BatchLoader(data_dir, "train", micro_batch, seq_len, cfg.train.seed, dp_rank_index, dims.dp,
+                         pin_memory=device.type == "cuda", num_workers=cfg.data.loader_workers)  # fmt: skip
     step = 0
     guard = NonFiniteGuard(cfg.train)
     if ckpt_dir is not None:
@@ -304,6 +312,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         guard.load_state_dict(state.get("guard", {}))
         if rank == 0:
             print(f"resuming from {ckpt_dir} (step {step})", flush=True)
+    batch_log = BatchLog(run_dir, rank, step, enabled=cfg.logging.batch_hashes)
     _on_rank0(save_config, cfg, run_dir / "config.yaml")
 
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
@@ -367,14 +376,15 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         if pipe is not None:
             # The schedule splits this rank's accum_steps micro-batches into pipeline micro-batches.
-            batches = [loader.next_batch() for _ in range(accum_steps)]
+            batches = [batch_log.record(step + 1, loader.next_batch()) for _ in range(accum_steps)]
             inputs, targets = (torch.cat(t).to(device, non_blocking=True) for t in zip(*batches, strict=True))
             with autocast(device, dtype):
                 loss_sum, grad_norm = pipe.train_step(inputs, targets, max_norm)
         else:
             loss_sum = torch.zeros((), device=device)
             for micro_step in range(accum_steps):
-                inputs, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
+                batch = batch_log.record(step + 1, loader.next_batch())
+                inputs, targets = (t.to(device, non_blocking=True) for t in batch)
                 with gradient_sync(step_module, enabled=micro_step == accum_steps - 1):
                     with autocast(device, dtype):
                         logits = train_model(inputs)  # (B, T, V)
@@ -437,10 +447,14 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
             log.print(f"{stop_signal.requested or 'another rank'}: checkpoint written at step {step}, stopping; "
                       f"continue with --resume")  # fmt: skip
             log.close()
+            batch_log.close()
+            loader.close()
             return {"step": step, "stopped_by": stop_signal.requested or "another rank's signal"}
         last_log_time += time.perf_counter() - paused_at
 
     last_eval = evaluate(step) if not last_eval or last_eval["step"] != step else last_eval
     checkpoint(step)
     log.close()
+    batch_log.close()
+    loader.close()
     return last_eval
