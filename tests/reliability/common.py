@@ -6,10 +6,13 @@ point (LMFORGE_FAULT, see src/lmforge/faults.py) or from outside, never a mocked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors import safe_open
@@ -42,7 +45,23 @@ def run(
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                    *torchrun, "-m", "lmforge", *args]  # fmt: skip
     env = {**os.environ, "LMFORGE_FAULT": fault or ""}
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+    with spawned(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def spawned(command: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """Popen in a session of its own; on the way out (a failed assertion, a timeout) the whole
+    process tree is SIGKILLed, so that a hung torchrun job never outlives its test."""
+    proc = subprocess.Popen(command, text=True, start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def records(run_dir: Path) -> list[dict]:

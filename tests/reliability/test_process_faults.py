@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from common import checkpoint_dir, error_lines, losses, pretrain_args, records, run
+from common import checkpoint_dir, error_lines, losses, pretrain_args, records, run, spawned
 
 from lmforge.train.checkpoint import latest_checkpoint
 
@@ -66,25 +66,24 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(prepared_dir, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lmforge",
                *args]  # fmt: skip
     env = {**os.environ, "LMFORGE_FAULT": "train.step:stop@step=3,rank=1"}
-    proc = subprocess.Popen(
-        command, cwd=tmp_path, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-    )
     error_at = []
-    reader = threading.Thread(
-        target=lambda: error_at.extend(
-            (time.monotonic(), line) for line in proc.stderr if "lmforge: error" in line
+    with spawned(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as proc:
+        reader = threading.Thread(
+            target=lambda: error_at.extend(
+                (time.monotonic(), line) for line in proc.stderr if "lmforge: error" in line
+            ),
+            daemon=True,
         )
-    )
-    reader.start()
-    deadline = time.monotonic() + 120
-    # Rank 0 logs step 2, then rank 1 stops at the end of step 3 (before step 3's logging collective).
-    while not any(r.get("step") == 2 for r in records_or_empty(out)):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    hung_at = time.monotonic()
-    proc.wait(timeout=120)
-    ended_at = time.monotonic()
-    reader.join()
+        reader.start()
+        deadline = time.monotonic() + 120
+        # Rank 0 logs step 2, then rank 1 stops at the end of step 3 (before step 3's logging collective).
+        while not any(r.get("step") == 2 for r in records_or_empty(out)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        hung_at = time.monotonic()
+        proc.wait(timeout=120)
+        ended_at = time.monotonic()
+        reader.join()
     assert proc.returncode != 0
     [(reported_at, line)] = error_at
     assert "rank 0" in line and "Timed out" in line and f"timeout_s={timeout_s}" in line
@@ -118,15 +117,16 @@ def test_a_signal_from_outside_checkpoints_at_the_next_step_and_exits_0(
     args = pretrain_args(prepared_dir, out, steps=STEPS)
     # Slowed down (a 200-step schedule, so the run is still going when the signal arrives).
     slow = [*args[:-1], "--train.max_steps=200", "--schedule.total_steps=10"]
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *slow], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "LMFORGE_FAULT": ""})  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not any(r.get("step", 0) >= 3 for r in records_or_empty(out)):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    sent = time.monotonic()
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
+    command = [sys.executable, "-m", "lmforge", *slow]
+    env = {**os.environ, "LMFORGE_FAULT": ""}
+    with spawned(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        deadline = time.monotonic() + 120
+        while not any(r.get("step", 0) >= 3 for r in records_or_empty(out)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
     grace = time.monotonic() - sent
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])

@@ -121,7 +121,7 @@ def test_a_checkpoint_moves_from_4_to_2_to_1_processes(prepared_dir, tmp_path):
             assert expected.keys() == actual.keys()
             for name in expected:
                 torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5,
-                                           msg=lambda m, name=name: f"{name} after step {step}: {m}")  # fmt: skip
+                                           msg=lambda m, name=name, step=step: f"{name} after step {step}: {m}")  # fmt: skip
         assert trainer_state(got)["loader"] == trainer_state(want)["loader"]
         assert trainer_state(got)["optimizer"]["scalars"] == trainer_state(want)["optimizer"]["scalars"]
     # And so does every loss, the first ones after each hand-over included.
