@@ -72,9 +72,20 @@ def test_clean_stop_then_resume_restores_every_piece_of_state(debug_config, tmp_
     assert losses(stopped) == losses(straight)  # exactly, step for step
 
 
-def batch_hashes(run_dir: Path, rank: int) -> list[tuple[int, str]]:
+def batch_hashes(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
+    """(step, hashes of the micro-batch's sequences) in the order rank `rank` trained them."""
     path = run_dir / "batches" / f"rank_{rank}.jsonl"
-    return [(r["step"], r["sha256"]) for r in map(json.loads, path.read_text().splitlines())]
+    return [(r["step"], r["samples"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def sequences_per_step(run_dir: Path, world_size: int, steps: range) -> dict[int, list[str]]:
+    """Every sequence each step trained on, over all ranks, sorted."""
+    seen: dict[int, list[str]] = {}
+    for rank in range(world_size):
+        for step, samples in batch_hashes(run_dir, rank):
+            if step in steps:
+                seen.setdefault(step, []).extend(samples)
+    return {step: sorted(samples) for step, samples in seen.items()}
 
 
 def test_resume_mid_epoch_with_loader_workers_on_2_ranks_sees_the_same_batches(prepared_dir, tmp_path):
@@ -100,13 +111,13 @@ def test_resume_mid_epoch_with_loader_workers_on_2_ranks_sees_the_same_batches(p
 @pytest.mark.slow  # 4 + 2 + 1 processes, ~40 s on 2 cores
 def test_a_checkpoint_moves_from_4_to_2_to_1_processes(prepared_dir, tmp_path):
     single = tmp_path / "single"
-    result = run(pretrain_args(prepared_dir, single, steps=12), tmp_path)
+    result = run(pretrain_args(prepared_dir, single, "--logging.batch_hashes=true", steps=12), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     chain = tmp_path / "chain"
     for nproc, until in ((4, 4), (2, 8), (1, 12)):
         args = pretrain_args(prepared_dir, chain, f"--train.micro_batch_size={8 // nproc}", "--schedule.total_steps=12",
-                             steps=until)  # fmt: skip
+                             "--logging.batch_hashes=true", steps=until)  # fmt: skip
         result = run([*args, *(["--resume"] if until > 4 else [])], tmp_path, nproc=nproc)
         assert result.returncode == 0, (nproc, result.stderr[-3000:])
         if until > 4:
@@ -124,6 +135,12 @@ def test_a_checkpoint_moves_from_4_to_2_to_1_processes(prepared_dir, tmp_path):
                                            msg=lambda m, name=name, step=step: f"{name} after step {step}: {m}")  # fmt: skip
         assert trainer_state(got)["loader"] == trainer_state(want)["loader"]
         assert trainer_state(got)["optimizer"]["scalars"] == trainer_state(want)["optimizer"]["scalars"]
+    # Every step trained on the same sequences as the single process: when the data-parallel
+    # degree changed nothing was skipped and nothing seen twice.
+    want_sequences = sequences_per_step(single, 1, range(1, 13))
+    got_sequences = {**sequences_per_step(chain, 4, range(1, 5)), **sequences_per_step(chain, 2, range(5, 9)),
+                     **sequences_per_step(chain, 1, range(9, 13))}  # fmt: skip
+    assert got_sequences == want_sequences and all(len(s) == 8 for s in got_sequences.values())
     # And so does every loss, the first ones after each hand-over included.
     want, got = losses(single), losses(chain)
     assert sorted(got) == list(range(1, 13))

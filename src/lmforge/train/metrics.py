@@ -28,8 +28,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class BatchLog:
-    """RUN/batches/rank_R.jsonl: {"step", "sha256"} of every micro-batch's input tokens on rank R,
-    in the order trained; a resumed run first drops what was logged after its checkpoint."""
+    """RUN/batches/rank_R.jsonl: {"step", "samples"} per micro-batch on rank R, in the order trained,
+    `samples` the sha256 (16 hex digits) of each sequence's input tokens. Per sequence, so that runs
+    with other data-parallel degrees compare: a step's sequences over all ranks are the same set.
+    A resumed run first drops what was logged after its checkpoint."""
 
     def __init__(self, run_dir: Path, rank: int, start_step: int, enabled: bool):
         self.file = None
@@ -48,8 +50,8 @@ class BatchLog:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log the batch (host tensors, before they move to the device) and return it."""
         if self.file is not None:
-            digest = hashlib.sha256(batch[0].numpy().tobytes()).hexdigest()[:32]
-            self.file.write(json.dumps({"step": step, "sha256": digest}) + "\n")
+            samples = [hashlib.sha256(row.numpy().tobytes()).hexdigest()[:16] for row in batch[0]]
+            self.file.write(json.dumps({"step": step, "samples": samples}) + "\n")
             self.file.flush()
         return batch
 
