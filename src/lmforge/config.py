@@ -89,7 +89,7 @@ class OptimConfig:
     """The optimizer. Weight decay never applies to norms, biases and embeddings.
 
     Args:
-        name: adamw, adam, sgd, adagrad or adafactor.
+        name: adamw, adam, sgd, adagrad, adafactor, or muon (Muon for the matrices inside the blocks, AdamW for the rest; one lr for both; needs whole matrices: DDP or pipeline, not FSDP/TP).
         lr: Peak learning rate (reached at the end of warmup).
         betas: Adam(W) moment coefficients.
         eps: Adam(W)/AdaGrad epsilon.
@@ -97,9 +97,10 @@ class OptimConfig:
         momentum: SGD momentum.
         nesterov: SGD Nesterov momentum.
         fused: Fused AdamW/Adam kernel; default: on for CUDA.
+        muon_momentum: Muon's momentum (Nesterov).
     """
 
-    name: Literal["adamw", "adam", "sgd", "adagrad", "adafactor"] = "adamw"
+    name: Literal["adamw", "adam", "sgd", "adagrad", "adafactor", "muon"] = "adamw"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -107,6 +108,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     fused: bool | None = None
+    muon_momentum: float = 0.95
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "> 0", self.lr)

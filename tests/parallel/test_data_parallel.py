@@ -160,8 +160,9 @@ def test_meta_init_materialises_only_shards_and_trains(prepared_dir, tmp_path):
             "layers",
         ),
         (["--parallel.fsdp_cpu_offload=true"], "needs train.device cuda"),
+        (["--optim.name=muon"], "'muon' orthogonalises whole matrices"),
     ],
-    ids=["tp-seq-len", "pp-microbatches", "pp-more-stages-than-layers", "cpu-offload-on-cpu"],
+    ids=["tp-seq-len", "pp-microbatches", "pp-more-stages-than-layers", "cpu-offload-on-cpu", "muon-fsdp"],
 )
 def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, tmp_path):
     result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *layout), tmp_path)

@@ -32,7 +32,16 @@ def test_loss_decreases_and_run_directory_is_complete(debug_config, tmp_path):
     assert last < first - 0.5, (first, last)
     records = read_metrics(run / "metrics.jsonl")
     train_record = next(r for r in records if "loss" in r)
-    assert set(train_record) == {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "elapsed_s", "nonfinite_steps"}
+    assert set(train_record) == {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "mfu",
+        "elapsed_s",
+        "nonfinite_steps",
+    }
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [20, 40]
     assert result["val_loss"] == evals[-1]["val_loss"]
@@ -49,7 +58,7 @@ def test_loss_decreases_and_run_directory_is_complete(debug_config, tmp_path):
     assert any(name.endswith(".safetensors") for name in manifest["files"])
 
 
-@pytest.mark.parametrize("optim", ["adamw", "sgd"])
+@pytest.mark.parametrize("optim", ["adamw", "sgd", "muon"])
 def test_resume_is_exact(debug_config, tmp_path, optim):
     """N steps + stop + resume + N steps == 2N straight steps, loss for loss (==, not approx)."""
     sections = {

@@ -282,6 +282,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     model_cfg = run_model_config(cfg.model, seq_len, tokenizer.get_vocab_size())
     if dims.distributed:
         validate_layout(model_cfg, dims, cfg.parallel, seq_len, micro_batch * accum_steps)
+    if cfg.optim.name == "muon" and (dims.dp_shard > 1 or dims.tp > 1):
+        raise ConfigError(
+            "parallel layout: optim.name 'muon' orthogonalises whole matrices, which FSDP and TP shard "
+            f"(parallel.dp_shard={dims.dp_shard}, parallel.tp={dims.tp}): use parallel.dp_replicate or parallel.pp"
+        )
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every layout
     pipe = None
     if dims.pp > 1 and dtype == torch.float16:
