@@ -10,11 +10,11 @@ import time
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import OptimConfig
 from lmforge.errors import ConfigError
 from lmforge.models import build_model, model_config
+from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.runtime import (
     autocast,
     configure_backends,
@@ -38,6 +38,7 @@ def bench(
     compile: bool | None = None,
     device: str = "auto",
     seed: int = 0,
+    fused_loss: bool = True,
 ) -> dict:
     """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms.
 
@@ -52,6 +53,7 @@ def bench(
         compile: torch.compile the model (default: on for CUDA).
         device: auto, cpu, cuda or cuda:N.
         seed: Seed of the weights and the random tokens.
+        fused_loss: Compute the loss without materialising the logits, as pretraining does by default.
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -71,8 +73,10 @@ def bench(
     def step() -> None:
         tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=dev)
         with autocast(dev, dtype):
-            logits = train_model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            if fused_loss:
+                loss = train_model(tokens[:, :-1], targets=tokens[:, 1:])
+            else:
+                loss = cross_entropy(train_model(tokens[:, :-1]), tokens[:, 1:])
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

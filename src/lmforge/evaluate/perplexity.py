@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.runtime import autocast
 
 
@@ -30,7 +30,7 @@ def evaluate_loss(
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, dtype):
             logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        loss = cross_entropy(logits, targets) * targets.numel()  # the batch's summed loss
         total_loss += loss.double()
         total_tokens += targets.numel()
     model.train(was_training)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lmforge.config import RunConfig
+from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.parallel.pipeline import (
     build_pipeline_stages,
     build_schedule,
@@ -23,11 +23,6 @@ from lmforge.parallel.pipeline import (
     sync_tied_embedding_grads,
 )
 from lmforge.train.optim import build_optimizer
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of one micro-batch: logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def stages_per_rank(cfg: RunConfig) -> int:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from lmforge.config import DataConfig, ModelConfig, RunConfig, load_config, save_config, to_dict
@@ -27,6 +26,7 @@ from lmforge.evaluate.perplexity import evaluate_loss
 from lmforge.faults import fault
 from lmforge.infer.generate import complete
 from lmforge.models import build_model, model_config
+from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.parallel.apply import gradient_sync, parallelize, validate_layout
 from lmforge.parallel.mesh import (
     ParallelDims,
@@ -320,6 +320,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     batch_log = BatchLog(run_dir, rank, step, enabled=cfg.logging.batch_hashes)
     _on_rank0(save_config, cfg, run_dir / "config.yaml")
 
+    fused_loss = cfg.train.fused_loss if cfg.train.fused_loss is not None else dims.tp == 1 and dims.pp == 1
+    if fused_loss and (dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(
+            "config key 'train.fused_loss' needs the whole output head: not with parallel.tp or pp > 1"
+        )
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
     use_compile = use_compile and pipe is None  # pipeline stages run eagerly for now
     train_model = torch.compile(step_module) if use_compile else step_module
@@ -335,7 +340,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     log.print(
         f"model {cfg.model.family}-{cfg.model.flavor}: {model.num_params() / 1e6:.2f}M params, "
         f"{device.type} {str(dtype).removeprefix('torch.')}, compile={use_compile}, layout {dims}, "
-        f"{global_tokens:,} tokens/step ({accum_steps} micro-batches per rank), run directory {run_dir}"
+        f"{global_tokens:,} tokens/step ({accum_steps} micro-batches per rank), fused_loss={fused_loss}, "
+        f"run directory {run_dir}"
     )
 
     def evaluate(at_step: int) -> dict:
@@ -392,8 +398,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
                 inputs, targets = (t.to(device, non_blocking=True) for t in batch)
                 with gradient_sync(step_module, enabled=micro_step == accum_steps - 1):
                     with autocast(device, dtype):
-                        logits = train_model(inputs)  # (B, T, V)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / accum_steps
+                        if fused_loss:  # the model returns the loss; no (B, T, V) logits
+                            loss = train_model(inputs, targets=targets) / accum_steps
+                        else:
+                            loss = cross_entropy(train_model(inputs), targets) / accum_steps
                     if fault("train.loss", step + 1):
                         loss = loss * float("nan")
                     scaler.scale(loss).backward()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.kv_cache import KVCache
+from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -208,11 +209,14 @@ class GPT2(nn.Module):
             block.init_weights(out_std)
         self.ln_f.reset_parameters()
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the compute dtype.
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
         set up (prefill: arange(0, T); decode: tensor([t])). Without a cache it defaults to 0..T-1.
+
+        targets: (B, T) int64 next tokens: return the mean cross-entropy (() fp32) instead of the
+        logits, computed chunk by chunk without materialising them (lmforge.ops.cross_entropy).
 
         A pipeline stage (lmforge.parallel.pipeline) has wte and wpe, or ln_f and lm_head, set to
         None where another stage runs them: without wte idx is the previous stage's hidden state
@@ -231,6 +235,8 @@ class GPT2(nn.Module):
         for block in self.h.values():
             x = block(x, input_pos)  # (B, T, dim)
         x = self.ln_f(x) if self.ln_f is not None else x
+        if targets is not None:  # (B, T) -> the mean loss, without (B, T, vocab_size) logits
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x) if self.lm_head is not None else x  # (B, T, vocab_size) or (B, T, dim)
 
     def setup_kv_cache(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.kv_cache import KVCache
+from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -305,11 +306,14 @@ class Llama(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the compute dtype.
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
         set up (prefill: arange(0, T); decode: tensor([t])). Without a cache it defaults to 0..T-1.
+
+        targets: (B, T) int64 next tokens: return the mean cross-entropy (() fp32) instead of the
+        logits, computed chunk by chunk without materialising them (lmforge.ops.cross_entropy).
 
         A pipeline stage (lmforge.parallel.pipeline) has tok_embeddings, norm and output set to None
         where another stage runs them: without tok_embeddings idx is the previous stage's hidden
@@ -326,6 +330,8 @@ class Llama(nn.Module):
         for layer in self.layers.values():
             h = layer(h, rope_cos, rope_sin, input_pos)  # (B, T, dim)
         h = self.norm(h) if self.norm is not None else h
+        if targets is not None:  # (B, T) -> the mean loss, without (B, T, vocab_size) logits
+            return linear_cross_entropy(h, self.output.weight, targets)
         return self.output(h) if self.output is not None else h  # (B, T, vocab_size) or (B, T, dim)
 
     def setup_kv_cache(

@@ -1,0 +1,63 @@
+"""The fused linear cross-entropy equals the plain loss of the full logits: value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.ops.cross_entropy import cross_entropy, linear_cross_entropy
+
+
+def reference(hidden, weight, targets):
+    return cross_entropy(hidden @ weight.t(), targets)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 4096])
+def test_loss_and_gradients_match_the_plain_loss(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 21, 16, requires_grad=True)  # (B, T, D)
+    weight = torch.randn(50, 16, requires_grad=True)  # (V, D)
+    targets = torch.randint(0, 50, (3, 21))
+
+    want = reference(hidden, weight, targets)
+    want_grads = torch.autograd.grad(2.5 * want, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    got_grads = torch.autograd.grad(2.5 * got, (hidden, weight))  # a non-unit upstream gradient
+
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_float32_and_a_tied_weight():
+    """fp32 at realistic scale; the head weight is the embedding's, used twice in the graph."""
+    torch.manual_seed(1)
+    embedding = torch.nn.Embedding(300, 32)
+    tokens = torch.randint(0, 300, (4, 65))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(fn):
+        embedding.zero_grad()
+        hidden = torch.tanh(embedding(inputs))  # (B, T, D)
+        loss = fn(hidden, embedding.weight, targets)
+        loss.backward()
+        return loss.detach(), embedding.weight.grad.clone()
+
+    want, want_grad = loss_of(reference)
+    got, got_grad = loss_of(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=100))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_autocast_tracks_the_plain_loss():
+    torch.manual_seed(2)
+    hidden = torch.randn(256, 64, requires_grad=True)
+    weight = torch.randn(1000, 64, requires_grad=True)
+    targets = torch.randint(0, 1000, (256,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = cross_entropy(torch.nn.functional.linear(hidden, weight)[None], targets[None])
+        got = linear_cross_entropy(hidden.bfloat16(), weight, targets, chunk_size=64)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) < 1e-2 * want.item()
+    got.backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
