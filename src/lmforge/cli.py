@@ -280,14 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _dispatch(parser, argv)
     except LmforgeError as err:
-        print(f"lmforge: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"lmforge: error: {err}\n")  # one write: ranks' lines do not interleave
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # jsonargparse's ArgumentError and type errors of user values
         if type(err).__module__.startswith(("argparse", "jsonargparse")) or isinstance(err, ConfigError):
-            print(f"lmforge: error: {explain_parse_error(err)}", file=sys.stderr)
+            sys.stderr.write(f"lmforge: error: {explain_parse_error(err)}\n")
             return 2
         raise
     return 0

@@ -18,7 +18,8 @@ Points (where the code calls `fault`):
                                 new one not yet in its place
     checkpoint.after_rename     the checkpoint in place, older ones not yet pruned
     train.step                  after optimizer step `step` (the step boundary)
-    train.loss                  the loss of step `step` (action nan: it becomes NaN)
+    train.loss                  the loss of step `step`, before backward (nan: loss and gradients NaN)
+    train.loss_value            the loss of step `step`, after backward (nan: the value only)
 
 Actions: kill (SIGKILL itself), stop (SIGSTOP itself: a hung rank), term / int (SIGTERM / SIGINT
 itself: preemption, Ctrl-C), enospc (raise OSError ENOSPC: a full disk), nan (`fault` returns
@@ -47,6 +48,7 @@ POINTS = (
     "checkpoint.after_rename",
     "train.step",
     "train.loss",
+    "train.loss_value",
 )
 ACTIONS = ("kill", "stop", "term", "int", "enospc", "nan")
 

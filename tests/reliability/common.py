@@ -70,6 +70,9 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss; a step logged twice (a resume that did not drop what it redid) fails."""
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert len(steps) == len(set(steps)), f"{run_dir}/metrics.jsonl logs a step twice: {steps}"
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 

@@ -106,7 +106,23 @@ def reshape_a_tensor(ckpt: Path) -> Path:
     return shard
 
 
-@pytest.mark.parametrize("corrupt", [flip_a_byte, remove_a_file, reshape_a_tensor])
+def malform_the_manifest(ckpt: Path) -> Path:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del next(iter(manifest["files"].values()))["bytes"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return ckpt / "manifest.json"
+
+
+def add_a_stray_shard(ckpt: Path) -> Path:
+    """A safetensors file the manifest does not list (DCP would read every one in the directory)."""
+    stray = ckpt / "model" / "extra.safetensors"
+    save_file({"wq": torch.zeros(2, 2)}, str(stray))
+    return stray
+
+
+@pytest.mark.parametrize(
+    "corrupt", [flip_a_byte, remove_a_file, reshape_a_tensor, malform_the_manifest, add_a_stray_shard]
+)
 def test_corrupt_checkpoint_falls_back_or_stops_but_never_restarts(corrupt, prepared_dir, straight, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -134,3 +150,27 @@ def test_corrupt_checkpoint_falls_back_or_stops_but_never_restarts(corrupt, prep
     nothing = run([*args, "--resume"], tmp_path)
     assert nothing.returncode == 2 and "no valid checkpoint" in error_lines(nothing)[0]
     assert not checkpoint_dir(out, 10).exists()  # it did not start over from scratch
+
+
+def test_disk_full_on_one_rank_is_the_same_clear_error_on_every_rank(prepared_dir, tmp_path):
+    """Rank 1 fails mid-save; rank 0 must not wait for it in a collective until the timeout."""
+    out = tmp_path / "run"
+    args = pretrain_args(prepared_dir, out, "--train.micro_batch_size=4", "--parallel.timeout_s=60")
+    result = run(args, tmp_path, nproc=2, fault="checkpoint.mid_shard:enospc@step=8,rank=1", timeout=55)
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 2 and all("rank 1: OSError" in line and "No space left" in line for line in lines), (
+        lines
+    )
+    assert only_checkpoints(out) == ["step_0000004"]
+
+
+def test_a_line_cut_off_in_metrics_does_not_block_resume(prepared_dir, straight, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 3.1')  # what a crash in the middle of a write leaves
+    result = run([*pretrain_args(prepared_dir, out, steps=10), "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cut off mid-write" in result.stderr
+    assert sorted(losses(out)) == list(range(1, 11))

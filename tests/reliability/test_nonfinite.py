@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from common import checkpoint_dir, error_lines, pretrain_args, records, run, tensors
 
@@ -24,10 +25,17 @@ def assert_finite(ckpt) -> None:
         assert torch.isfinite(tensor).all(), name
 
 
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank(prepared_dir, tmp_path):
+@pytest.mark.parametrize(
+    "point",
+    # train.loss: NaN before backward (the gradients of every rank turn NaN through the all-reduce);
+    # train.loss_value: only rank 1's loss value, its gradients finite: only the flags' all-reduce
+    # tells rank 0, which writes metrics.jsonl and the checkpoints.
+    ["train.loss", "train.loss_value"],
+)
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(point, prepared_dir, tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(prepared_dir, out, *DDP, steps=5, every=1)
-    result = run(args, tmp_path, nproc=2, fault="train.loss:nan@step=3,rank=1")
+    result = run(args, tmp_path, nproc=2, fault=f"{point}:nan@step=3,rank=1")
     assert result.returncode == 0, result.stderr[-3000:]
 
     # Rank 0 writes metrics.jsonl and its own loss was finite: it learnt of rank 1's NaN.
@@ -63,7 +71,7 @@ def test_a_streak_of_bad_steps_rolls_back_with_a_lower_lr(prepared_dir, tmp_path
     assert math.isclose(retrained[0]["lr"], 0.5 * lr_at(4, cfg.schedule, cfg.optim.lr, cfg.schedule_steps))
     final = checkpoint_dir(out, 10)
     assert json.loads((final / "trainer_state.json").read_text())["guard"] == {
-        "nonfinite_steps": 3, "rollbacks": 1, "lr_scale": 0.5}  # fmt: skip
+        "nonfinite_steps": 3, "consecutive": 0, "rollbacks": 1, "lr_scale": 0.5}  # fmt: skip
     assert adam_step(final) == 4 + 6  # steps 1-4, then 5-10 again after the rollback; the 3 bad ones none
     assert_finite(final)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_a_rank_that_keeps_dying_ends_the_job_with_the_cause(prepared_dir, tmp_p
                  torchrun=("--max-restarts=2",), fault="train.step:kill@step=2,rank=1")  # fmt: skip
     assert result.returncode != 0
     assert "SIGKILL" in result.stderr and "rank      : 1" in result.stderr, result.stderr[-3000:]
-    assert result.stderr.count("resuming from") == 0  # it died before its first checkpoint each time
+    assert "resuming from" not in result.stdout  # it died before its first checkpoint each time
     assert result.stdout.count("model llama-debug") == 3  # the first attempt and two restarts
 
 
@@ -152,3 +153,34 @@ def test_sigterm_resume_continues_exactly(prepared_dir, straight_1rank, tmp_path
     resumed = run([*args, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == losses(straight_1rank)
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers(prepared_dir, tmp_path):
+    """A scheduler signals every process of the job, the loader's workers included."""
+    out = tmp_path / "run"
+    args = pretrain_args(prepared_dir, out, "--data.loader_workers=2", "--schedule.total_steps=10", steps=200)
+    with spawned([sys.executable, "-m", "lmforge", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, env={**os.environ, "LMFORGE_FAULT": ""}) as proc:  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not any(r.get("step", 0) >= 3 for r in records_or_empty(out)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped_at = json.loads(stdout.strip().splitlines()[-1])["step"]
+    assert latest_checkpoint(out).name == f"step_{stopped_at:07d}"
+
+
+def test_a_restart_does_not_resume_a_run_its_first_attempt_refused(prepared_dir, straight_2ranks, tmp_path):
+    """Without --resume an existing run is refused; torchrun's restart must refuse it again, not
+    take TORCHELASTIC_RESTART_COUNT > 0 for permission to continue someone else's run."""
+    out = tmp_path / "run"
+    shutil.copytree(straight_2ranks, out)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    result = run(pretrain_args(prepared_dir, out, *DDP, steps=STEPS + 2), tmp_path, nproc=2,
+                 torchrun=("--max-restarts=1",))  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("already has checkpoints") == 4  # 2 ranks x 2 attempts
+    assert "resuming from" not in result.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before

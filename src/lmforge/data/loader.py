@@ -21,6 +21,7 @@ advance the position; restoring a state restarts the workers there.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,13 @@ class _GlobalBatchStarts(torch.utils.data.Sampler[int]):
         return itertools.count(self.start, self.global_batch)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM (or a Ctrl-C's SIGINT) reaches every process of the group, the loader's
+    workers too: they ignore it and the training process, which checkpoints first, stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchLoader:
     """Deterministic, resumable stream of training batches for one data-parallel rank.
 
@@ -307,6 +315,7 @@ class BatchLoader:
             # The workers' base seed is drawn from this generator instead of the global one, so the
             # training's random stream (init, dropout) is the same whatever num_workers.
             generator=torch.Generator(),
+            worker_init_fn=_ignore_stop_signals,
         )  # fmt: skip
         self._worker_stream = iter(loader)
 

@@ -254,7 +254,10 @@ def _optimizer_state(part: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
 
 def _from_json(value):
     if isinstance(value, dict) and "tensor" in value:
-        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+        dtype = getattr(torch, str(value.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype) or not isinstance(value["tensor"], int | float):
+            raise CheckpointError(f"trainer state: optimizer scalar {value} is not a number of a torch dtype")
+        return torch.tensor(value["tensor"], dtype=dtype)
     return value
 
 
@@ -279,33 +282,57 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp"
-    try:
+
+    def prepare() -> None:
         if _is_writer():
             root.mkdir(parents=True, exist_ok=True)
             recover_interrupted_save(root)
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a crash mid-save; it was never valid
             tmp.mkdir()
-        _barrier()
-        _write_checkpoint(tmp, step, parts, optimizers, trainer_state, cfg, tokenizer_path)
-        error = None
-    except OSError as err:  # DCP raises the first rank's error on every rank
-        error = f"{type(err).__name__}: {err}"
-    except dcp.CheckpointException as err:
-        error = one_line(str(err))
-    error = _first_error(error)
-    if error is not None:
+
+    def model_tensors() -> None:
+        _save_tensors({k: v for part in parts for k, v in model_state_dict(part).items()}, tmp / "model")
+        fault("checkpoint.mid_shard", step, shard_dir=tmp / "model" if _is_writer() else None)
+
+    optim_scalars: dict = {}
+
+    def optimizer_tensors() -> None:
+        optim_tensors = {}
+        for part, optimizer in zip(parts, optimizers, strict=True):
+            tensors, rest = _optimizer_state(part, optimizer)
+            optim_tensors.update(tensors)
+            optim_scalars.update(rest["scalars"])
+        _save_tensors(optim_tensors, tmp / "optimizer")
+
+    def metadata() -> None:
+        if _is_writer():
+            # Scalars (Adam's step) are equal for every parameter of a run: rank 0's stand for all.
+            state = {
+                "step": step,
+                **trainer_state,
+                "rng": rng_state(),
+                "optimizer": {"scalars": optim_scalars},
+            }
+            _write_metadata(tmp, step, state, cfg, tokenizer_path)
+
+    try:
+        # Every rank runs each phase, then learns whether any rank failed in it: a rank that fails
+        # never leaves the others waiting in a collective it will not join.
+        for phase in (prepare, model_tensors, optimizer_tensors, metadata):
+            _all_ranks_ok(phase)
+    except _SaveFailed as err:
         if _is_writer():
             shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in list_checkpoints(run_dir)]
         raise CheckpointError(
-            f"cannot write checkpoint {final} ({error}); "
+            f"cannot write checkpoint {final} ({err}); "
             + (
                 f"the newest checkpoint is still {previous[-1]}"
                 if previous
                 else "no earlier checkpoint exists"
             )
-        )
+        ) from None
     if _is_writer():
         _publish(tmp, final, step)
         _prune(root, keep_last)
@@ -313,28 +340,29 @@ def save_checkpoint(
     return final
 
 
-def _first_error(error: str | None) -> str | None:
-    """Every rank learns whether any rank failed (rank 0 writes alone, the others wait on it)."""
-    if not _distributed():
-        return error
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
+class _SaveFailed(Exception):
+    pass
 
 
-def _write_checkpoint(tmp: Path, step: int, parts, optimizers, trainer_state, cfg, tokenizer_path) -> None:
-    _save_tensors({k: v for part in parts for k, v in model_state_dict(part).items()}, tmp / "model")
-    fault("checkpoint.mid_shard", step, shard_dir=tmp / "model" if _is_writer() else None)
-    optim_tensors, optim_scalars = {}, {}
-    for part, optimizer in zip(parts, optimizers, strict=True):
-        tensors, rest = _optimizer_state(part, optimizer)
-        optim_tensors.update(tensors)
-        optim_scalars.update(rest["scalars"])
-    _save_tensors(optim_tensors, tmp / "optimizer")
-    if not _is_writer():
-        return
-    # Scalars (Adam's step) are equal for every parameter of a run: rank 0's stand for all.
-    state = {"step": step, **trainer_state, "rng": rng_state(), "optimizer": {"scalars": optim_scalars}}
+def _all_ranks_ok(phase) -> None:
+    """Run one phase of a save; _SaveFailed on every rank if it failed on any (with the first error)."""
+    try:
+        phase()
+        error = None
+    except OSError as err:
+        error = f"{type(err).__name__}: {err}"
+    except dcp.CheckpointException as err:  # DCP's own collection of every rank's failure
+        error = one_line(str(err))[:500]
+    if _distributed():
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((f"rank {rank}: {e}" for rank, e in enumerate(errors) if e is not None), None)
+    if error is not None:
+        raise _SaveFailed(error)
+
+
+def _write_metadata(tmp: Path, step: int, state: dict, cfg: RunConfig, tokenizer_path: Path) -> None:
+    """trainer_state.json, config.yaml, tokenizer.json, then the manifest of every file (rank 0)."""
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     save_config(cfg, tmp / "config.yaml")
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
@@ -401,12 +429,29 @@ def read_manifest(ckpt_dir: Path) -> dict:
         ) from None
     if not isinstance(files, dict):
         raise CheckpointError(f"checkpoint manifest {path} is corrupt: 'files' is not a mapping")
+    for name, meta in files.items():
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("bytes"), int)
+            and isinstance(meta.get("sha256"), str)
+        ):
+            raise CheckpointError(
+                f"checkpoint manifest {path} is corrupt: entry '{name}' lacks bytes or sha256"
+            )
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"checkpoint manifest {path} names a file outside the checkpoint: '{name}'")
     return manifest
 
 
 def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> dict:
     """Check every file the manifest lists: present, right size and (optionally) right sha256."""
     manifest = read_manifest(ckpt_dir)
+    # A file the manifest does not list would still be read (DCP loads every *.safetensors file
+    # of a directory): refuse it.
+    listed = set(manifest["files"]) | {MANIFEST}
+    for path in sorted(ckpt_dir.rglob("*")):
+        if path.is_file() and str(path.relative_to(ckpt_dir)) not in listed:
+            raise CheckpointError(f"checkpoint file {path} is not in the manifest")
     for name, meta in manifest["files"].items():
         path = ckpt_dir / name
         if not path.is_file():
@@ -472,6 +517,13 @@ def load_trainer_state(ckpt_dir: Path) -> dict:
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"trainer state {path} has no integer 'step'")
+    for key, kind in (("rng", dict), ("optimizer", dict), ("loader", dict)):
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"trainer state {path} has no '{key}' mapping")
+    if not isinstance(state["optimizer"].get("scalars"), dict) or not isinstance(
+        state["rng"].get("torch"), str
+    ):
+        raise CheckpointError(f"trainer state {path} lacks 'optimizer.scalars' or 'rng.torch'")
     return state
 
 
@@ -526,9 +578,13 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 weights[key] = f.get_tensor(key)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Every file goes to a temporary name first; the weights are renamed into place last, so a
+    # model.safetensors is never next to the config of another export.
+    (out_dir / "model.safetensors").unlink(missing_ok=True)
+    for name in ("config.yaml", "tokenizer.json"):
+        shutil.copyfile(ckpt_dir / name, out_dir / f".{name}.tmp")
+        os.replace(out_dir / f".{name}.tmp", out_dir / name)
     tmp = out_dir / ".model.safetensors.tmp"
     save_file(weights, str(tmp), metadata={"format": "pt", "step": str(read_manifest(ckpt_dir)["step"])})
     os.replace(tmp, out_dir / "model.safetensors")
-    for name in ("config.yaml", "tokenizer.json"):
-        shutil.copyfile(ckpt_dir / name, out_dir / name)
     return out_dir / "model.safetensors"

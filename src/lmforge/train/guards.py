@@ -108,9 +108,11 @@ class NonFiniteGuard:
         return "rollback"
 
     def state_dict(self) -> dict:
-        return {"nonfinite_steps": self.total, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale}
+        return {"nonfinite_steps": self.total, "consecutive": self.consecutive, "rollbacks": self.rollbacks,
+                "lr_scale": self.lr_scale}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.total = int(state.get("nonfinite_steps", 0))
+        self.consecutive = int(state.get("consecutive", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))

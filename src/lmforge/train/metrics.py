@@ -13,18 +13,34 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from lmforge.config import LoggingConfig
+from lmforge.errors import LmforgeError
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a last line cut off by a crash mid-write is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                warnings.warn(f"{path}: dropped its last line, cut off mid-write", stacklevel=2)
+                break
+            raise LmforgeError(f"{path} line {number} is not JSON: {line[:80]!r}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise LmforgeError(f"{path} line {number} has no integer 'step': {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 class BatchLog:

@@ -124,12 +124,18 @@ def _on_rank0(fn, *args):
     if not dist.is_initialized():
         return fn(*args)
     outcome: list = [None, None]  # [error, result]
+    failure = None
     if dist.get_rank() == 0:
         try:
             outcome[1] = fn(*args)
         except LmforgeError as err:
             outcome[0] = str(err)
+        except Exception as err:  # a bug or an OSError: the others must not wait for the timeout
+            failure = err
+            outcome[0] = f"{type(err).__name__}: {err}"
     dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
     if outcome[0] is not None:
         raise LmforgeError(outcome[0] if dist.get_rank() == 0 else f"rank 0 failed: {outcome[0]}")
     return outcome[1]
@@ -188,12 +194,23 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool | str | Path) -> Path | No
             raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
         return latest_checkpoint(run_dir)
     if list_checkpoints(run_dir):
-        if _restart_count() > 0:
+        if _restart_count() > 0 and _started_by_this_job(run_dir):
             return latest_checkpoint(run_dir)
         raise CheckpointError(
             f"run directory {run_dir} already has checkpoints: pass --resume, or choose another --out"
         )
     return None
+
+
+JOB_MARKER = ".torchrun_job"  # RUN/.torchrun_job: the torchrun job (TORCHELASTIC_RUN_ID) that started the run
+
+
+def _started_by_this_job(run_dir: Path) -> bool:
+    """A restarted attempt resumes by itself only a run its own job's first attempt started (not one
+    that attempt refused to overwrite)."""
+    marker = run_dir / JOB_MARKER
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    return job is not None and marker.is_file() and marker.read_text() == job
 
 
 def _check_start(run_dir: Path, cfg: RunConfig, resume: bool | str | Path) -> Path | None:
@@ -273,6 +290,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
 
     def prepare_run_dir() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if "TORCHELASTIC_RUN_ID" in os.environ and _restart_count() == 0:
+            (run_dir / JOB_MARKER).write_text(os.environ["TORCHELASTIC_RUN_ID"])
         ensure_data(cfg.data, run_dir, cfg.train.seed)
         if tokenizer_path.resolve() != (data_dir / "tokenizer.json").resolve():
             shutil.copyfile(data_dir / "tokenizer.json", tokenizer_path)
@@ -308,6 +327,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     dp_rank_index = dp_rank(mesh, dims) if mesh is not None else 0
     loader = BatchLoader(data_dir, "train", micro_batch, seq_len, cfg.train.seed, dp_rank_index, dims.dp,
                          pin_memory=device.type == "cuda", num_workers=cfg.data.loader_workers)  # fmt: skip
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     guard = NonFiniteGuard(cfg.train)
     if ckpt_dir is not None:
@@ -315,6 +335,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         step = state["step"]
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state.get("guard", {}))
+        if state.get("grad_scaler"):  # fp16: the loss scale continues where it was
+            scaler.load_state_dict(state["grad_scaler"])
         if rank == 0:
             print(f"resuming from {ckpt_dir} (step {step})", flush=True)
     batch_log = BatchLog(run_dir, rank, step, enabled=cfg.logging.batch_hashes)
@@ -328,7 +350,6 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
     use_compile = use_compile and pipe is None  # pipeline stages run eagerly for now
     train_model = torch.compile(step_module) if use_compile else step_module
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     flops_per_token = model.flops_per_token(seq_len)
     peak, _ = peak_flops(device)
     total_steps, max_steps = cfg.schedule_steps, cfg.train.max_steps
@@ -361,7 +382,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         return record
 
     def checkpoint(at_step: int) -> None:
-        trainer_state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
+        trainer_state = {
+            "loader": loader.state_dict(),
+            "guard": guard.state_dict(),
+            "grad_scaler": scaler.state_dict(),
+        }
         save_checkpoint(run_dir, at_step, parts, optimizers, trainer_state, cfg, tokenizer_path,
                         cfg.checkpoint.keep_last)  # fmt: skip
 
@@ -408,6 +433,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
                 loss_sum += loss.detach()
             scaler.unscale_(optimizers[0])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if fault("train.loss_value", step + 1):
+            loss_sum = loss_sum * float("nan")
         # With fp16 the GradScaler skips overflowing steps itself; a non-finite loss is ours to handle.
         bad, stop = step_status(
             loss_sum, grad_norm, stop_signal.requested is not None, not scaler.is_enabled()
