@@ -58,10 +58,26 @@ def spawned(command: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
+        # torchrun starts each worker in a session of its own: kill by descent, not by group.
+        for pid in [*_descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def records(run_dir: Path) -> list[dict]:
