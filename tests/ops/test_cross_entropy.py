@@ -61,3 +61,21 @@ def test_bfloat16_autocast_tracks_the_plain_loss():
     assert abs(got.item() - want.item()) < 1e-2 * want.item()
     got.backward()
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bfloat16_on_cuda_matches_the_plain_loss_and_its_gradients():
+    torch.manual_seed(3)
+    hidden = torch.randn(8192, 768, device="cuda", requires_grad=True)
+    weight = (0.02 * torch.randn(50304, 768, device="cuda")).requires_grad_()
+    targets = torch.randint(0, 50304, (8192,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = cross_entropy(torch.nn.functional.linear(hidden, weight)[None], targets[None])
+    want_grads = torch.autograd.grad(want, (hidden, weight))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, targets, chunk_size=2048)
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=5e-2, atol=1e-5)

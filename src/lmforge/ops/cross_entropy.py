@@ -61,6 +61,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None, None)  # fmt: skip
 
 
+# Under torch.compile the model's graph ends before this function, which runs eagerly (its chunk
+# loop is a handful of large matmuls): tracing it has not been tried on a GPU yet.
+@torch.compiler.disable
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096) -> Tensor:
     """Mean next-token loss of `hidden @ weight.T` without materialising the logits.
 
