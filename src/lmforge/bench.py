@@ -24,6 +24,7 @@ from lmforge.runtime import (
     resolve_precision,
     synchronize,
 )
+from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.train.optim import build_optimizer
 
 
@@ -39,6 +40,7 @@ def bench(
     device: str = "auto",
     seed: int = 0,
     fused_loss: bool = True,
+    activation_checkpointing: Literal["none", "selective", "full"] = "none",
 ) -> dict:
     """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms.
 
@@ -54,6 +56,7 @@ def bench(
         device: auto, cpu, cuda or cuda:N.
         seed: Seed of the weights and the random tokens.
         fused_loss: Compute the loss without materialising the logits, as pretraining does by default.
+        activation_checkpointing: none, selective (every other block) or full: recompute activations in backward.
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -64,6 +67,7 @@ def bench(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     model = build_model(model_cfg, dev)
+    apply_activation_checkpointing(model, activation_checkpointing)
     optimizer = build_optimizer(model, OptimConfig(), dev.type)
     use_compile = compile if compile is not None else dev.type == "cuda"
     train_model = torch.compile(model) if use_compile else model

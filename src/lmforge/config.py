@@ -161,6 +161,7 @@ class TrainConfig:
         eval_every: Evaluate on the validation split every N steps (and at the end); 0 disables periodic evaluation.
         eval_batches: Validation batches per evaluation.
         sample_tokens: Tokens of sample text generated at each evaluation (0: none).
+        activation_checkpointing: none, selective (recompute every other block in backward) or full (every block): less activation memory for more compute.
         fused_loss: Compute the loss from the last hidden state chunk by chunk, never materialising the logits (lmforge.ops.cross_entropy); default: on, except with parallel.tp or parallel.pp > 1.
         nonfinite_patience: A step whose loss or gradient norm is NaN/Inf is skipped (no optimizer step); this many in a row trigger nonfinite_action.
         nonfinite_action: rollback (reload the last checkpoint, keep reading new data) or stop (exit with an error).
@@ -179,6 +180,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     sample_tokens: int = 48
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
     fused_loss: bool | None = None
     nonfinite_patience: int = 3
     nonfinite_action: Literal["rollback", "stop"] = "rollback"

@@ -64,6 +64,13 @@ def reference(prepared_dir, tmp_path_factory) -> Path:
         ("ddp", 2, 2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
         ("fsdp", 2, 2, []),  # dp_shard=-1 takes the whole world
         ("fsdp_no_reshard", 2, 2, ["--parallel.fsdp_reshard_after_forward=false"]),
+        ("fsdp_full_ac", 2, 2, ["--train.activation_checkpointing=full"]),
+        (
+            "pp_selective_ac",
+            2,
+            1,
+            ["--parallel.pp=2", "--parallel.dp_shard=1", "--train.activation_checkpointing=selective"],
+        ),  # fmt: skip
         ("hsdp", 4, 4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
         ("tp", 2, 1, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
         ("fsdp_tp", 4, 2, ["--parallel.tp=2"]),

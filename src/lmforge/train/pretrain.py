@@ -45,6 +45,7 @@ from lmforge.runtime import (
     resolve_precision,
     synchronize,
 )
+from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -324,6 +325,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         model, step_module = _build_parallel_model(model_cfg, cfg, dims, mesh, device, dtype)
         parts, optimizers = [model], [build_optimizer(model, cfg.optim, device.type)]
 
+    for part in parts:  # after TP/FSDP, before compile
+        apply_activation_checkpointing(part, cfg.train.activation_checkpointing)
     dp_rank_index = dp_rank(mesh, dims) if mesh is not None else 0
     loader = BatchLoader(data_dir, "train", micro_batch, seq_len, cfg.train.seed, dp_rank_index, dims.dp,
                          pin_memory=device.type == "cuda", num_workers=cfg.data.loader_workers)  # fmt: skip
