@@ -181,7 +181,8 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool | str | Path) -> Path | No
 
     resume=True: the newest valid checkpoint (older ones are tried with a warning naming the bad
     file); a path: exactly that checkpoint, or an error. A job torchrun restarted after a failure
-    resumes by itself when its first attempt left checkpoints. Never silently from scratch.
+    resumes by itself when its own first attempt started the run and left checkpoints. Never
+    silently from scratch.
     """
     root = run_dir / "checkpoints"
     if root.is_dir():
