@@ -20,7 +20,6 @@ import threading
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
@@ -55,15 +54,14 @@ class StopSignal:
 def step_status(
     loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool, check_grad: bool
 ) -> tuple[bool, bool]:
-    """(non-finite, stop) for this step, the same on every rank.
+    """(non-finite, stop) for this step, the same on every rank. grad_norm: a plain tensor (the
+    full value of a DTensor norm).
 
     A NaN on one rank reaches every rank's gradients through the gradient reduction, but its loss
     stays local, and a signal may reach one rank only: hence the all-reduce (MAX) of both flags.
     This `.tolist()` is the loop's one host sync on steps that do not log: deciding whether to
     step the optimizer needs the answer on the host.
     """
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
     bad = ~torch.isfinite(loss)
     if check_grad:
         bad = bad | ~torch.isfinite(grad_norm)

@@ -440,6 +440,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         if fault("train.loss_value", step + 1):
             loss_sum = loss_sum * float("nan")
         # With fp16 the GradScaler skips overflowing steps itself; a non-finite loss is ours to handle.
+        grad_norm = _full(grad_norm)  # once per step: the non-finite check and the logging read it
         bad, stop = step_status(
             loss_sum, grad_norm, stop_signal.requested is not None, not scaler.is_enabled()
         )
@@ -466,7 +467,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
 
         if not bad and (step % cfg.logging.log_every == 0 or step == max_steps):
             # Host syncs: .item() on logging steps, and step_status's flags (above) every step.
-            loss_value, grad_norm_value = _global_mean(loss_sum).item(), _full(grad_norm).item()
+            loss_value, grad_norm_value = _global_mean(loss_sum).item(), grad_norm.item()
             synchronize(device)
             now = time.perf_counter()
             tokens_per_sec = global_tokens * (step - last_log_step) / (now - last_log_time)
