@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from lmforge.config import OptimConfig
+from lmforge.config import OptimConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.models import build_model, model_config
 from lmforge.ops.cross_entropy import cross_entropy
@@ -25,6 +25,8 @@ from lmforge.runtime import (
     synchronize,
 )
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
+from lmforge.train.compile import CompileMode, CompileScope, apply_compile
+from lmforge.train.converters import convert_model
 from lmforge.train.optim import build_optimizer
 
 
@@ -41,6 +43,11 @@ def bench(
     seed: int = 0,
     fused_loss: bool = True,
     activation_checkpointing: Literal["none", "selective", "full"] = "none",
+    compile_scope: CompileScope = "blocks",
+    compile_mode: CompileMode = "default",
+    fused_projections: bool = False,
+    float8: bool = False,
+    optimizer: Literal["adamw", "muon"] = "adamw",
 ) -> dict:
     """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms.
 
@@ -57,6 +64,11 @@ def bench(
         seed: Seed of the weights and the random tokens.
         fused_loss: Compute the loss without materialising the logits, as pretraining does by default.
         activation_checkpointing: none, selective (every other block) or full: recompute activations in backward.
+        compile_scope: blocks (each block compiled on its own) or model (one graph).
+        compile_mode: torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
+        fused_projections: llama: one matmul for q, k, v and one for gate and up.
+        float8: torchao float8 training of the block's linear layers (GPU of compute capability >= 8.9).
+        optimizer: adamw (fused on CUDA) or muon.
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -67,10 +79,11 @@ def bench(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     model = build_model(model_cfg, dev)
+    convert_model(model, TrainConfig(fused_projections=fused_projections, float8=float8), 1, dev)
     apply_activation_checkpointing(model, activation_checkpointing)
-    optimizer = build_optimizer(model, OptimConfig(), dev.type)
+    optimizer = build_optimizer(model, OptimConfig(name=optimizer), dev.type)
     use_compile = compile if compile is not None else dev.type == "cuda"
-    train_model = torch.compile(model) if use_compile else model
+    train_model = apply_compile(model, model, compile_scope, compile_mode) if use_compile else model
     vocab = model.cfg.vocab_size
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
@@ -109,7 +122,11 @@ def bench(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dtype": str(dtype).removeprefix("torch."),
-        "compile": use_compile,
+        "compile": f"{compile_scope}/{compile_mode}" if use_compile else False,
+        "fused_projections": fused_projections,
+        "float8": float8,
+        "activation_checkpointing": activation_checkpointing,
+        "optimizer": optimizer,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
         "tokens_per_sec": tokens_per_sec,
         "step_ms": 1000 * elapsed / steps,

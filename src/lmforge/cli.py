@@ -7,6 +7,8 @@ one line on stderr and exit code 2; only a bug in lmforge shows a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import os
 import sys
@@ -272,6 +274,10 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
+    # A crash in native code (SIGSEGV, SIGABRT from a C++ std::terminate) prints every thread's
+    # Python stack to stderr: the only clue to where it happened, especially on one rank of many.
+    with contextlib.suppress(OSError, ValueError):  # stderr is not a file (captured, redirected in-process)
+        faulthandler.enable()
     argv = _resume_config(_normalize(list(sys.argv[1:] if argv is None else argv)))
     parser = build_parser()
     if not argv:

@@ -38,14 +38,17 @@ class ModelConfig:
         family: Model family: `llama` (RMSNorm, RoPE, SwiGLU, GQA) or `gpt2` (LayerNorm, learned positions, GELU).
         flavor: Size preset of the family: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
         vocab_size: Embedding rows; by default the tokenizer's vocab rounded up to a multiple of 64.
+        qk_norm: llama only: RMSNorm on each head's queries and keys before RoPE (as OLMo 2 and Qwen3), which keeps attention logits bounded at high learning rates.
     """
 
     family: Literal["llama", "gpt2"] = "llama"
     flavor: str = "tiny"
     vocab_size: int | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         _require(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "> 0", self.vocab_size)
+        _require(not self.qk_norm or self.family == "llama", "model.qk_norm", "false for family gpt2", self.qk_norm)
 
 
 @dataclass
@@ -157,6 +160,12 @@ class TrainConfig:
         grad_clip: Clip the global gradient norm to this (0 disables).
         precision: auto (bf16 autocast on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU), fp32, bf16 or fp16.
         compile: torch.compile the model; default: on for CUDA.
+        compile_scope: blocks (each transformer block compiled on its own: one trace reused by every block, short compile) or model (one graph for the whole model).
+        compile_mode: torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
+        fused_projections: llama: one matmul for q, k, v and one for the SwiGLU gate and up projections (same parameters and checkpoints).
+        float8: Train the linear layers inside the blocks in float8 (torchao, tensorwise scaling); needs torchao and a GPU of compute capability >= 8.9.
+        check_every: Steps between the loop's host syncs that read the non-finite flags and the stop signal; in between, a non-finite step is skipped on the device (needs a fused Adam/AdamW and no fp16). Default: logging.log_every when that holds, else 1.
+        target_val_loss: Stop (with a checkpoint) at the first evaluation whose validation loss is at or below this.
         device: auto, cpu, cuda, cuda:N.
         eval_every: Evaluate on the validation split every N steps (and at the end); 0 disables periodic evaluation.
         eval_batches: Validation batches per evaluation.
@@ -176,6 +185,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool | None = None
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    fused_projections: bool = False
+    float8: bool = False
+    check_every: int | None = None
+    target_val_loss: float | None = None
     device: str = "auto"
     eval_every: int = 200
     eval_batches: int = 20
@@ -206,6 +221,11 @@ class TrainConfig:
             0 < self.rollback_lr_factor <= 1, "train.rollback_lr_factor", "in (0, 1]", self.rollback_lr_factor
         )
         _require(self.max_rollbacks >= 0, "train.max_rollbacks", ">= 0", self.max_rollbacks)
+        _require(self.check_every is None or self.check_every > 0, "train.check_every", "> 0", self.check_every)
+        _require(not (self.float8 and self.fused_projections), "train.float8",
+                 "false with train.fused_projections (the fused matmuls bypass the float8 layers)", self.float8)  # fmt: skip
+        _require(self.target_val_loss is None or self.target_val_loss > 0, "train.target_val_loss", "> 0",
+                 self.target_val_loss)  # fmt: skip
 
 
 @dataclass

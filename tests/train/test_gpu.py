@@ -27,5 +27,30 @@ def test_bench_reports_gpu_figures():
     result = bench(
         "gpt2", "debug", batch_size=4, seq_len=64, steps=3, warmup=2, precision="bf16", compile=True
     )
-    assert result["dtype"] == "bfloat16" and result["compile"] is True
+    assert result["dtype"] == "bfloat16" and result["compile"] == "blocks/default"
     assert result["peak_mem_gib"] > 0 and result["tokens_per_sec"] > 0
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"compile_scope": "model"},
+        {"compile_mode": "reduce-overhead"},  # CUDA graphs
+        {"fused_projections": True},
+        {"check_every": 5},  # the fused AdamW skips non-finite steps on the device
+    ],
+)
+def test_each_speed_switch_trains_on_gpu(switches, debug_config, tmp_path):
+    cfg = debug_config(train={"max_steps": 30, "device": "cuda", "compile": True, "eval_every": 0, **switches})
+    pretrain(cfg, tmp_path / "run")
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs float8 hardware"
+)
+def test_float8_bench_on_gpu():
+    pytest.importorskip("torchao")
+    result = bench("llama", "debug", batch_size=8, seq_len=64, steps=3, warmup=2, precision="bf16", float8=True)
+    assert result["float8"] is True and result["tokens_per_sec"] > 0

@@ -2,8 +2,10 @@
 
 - `StopSignal`: SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) asks the loop to write a
   checkpoint at the next step boundary and exit 0; a second SIGINT interrupts at once.
-- `step_status`: whether this step's loss or gradient norm is non-finite and whether a stop was
-  requested, agreed by every rank in one two-number all-reduce.
+- `step_flags`: whether this step's loss or gradient norm is non-finite and whether a stop was
+  requested, agreed by every rank in one two-number all-reduce, left on the device; the loop reads
+  them on the host every `train.check_every` steps. With a fused Adam/AdamW, `skip_on_device`
+  skips a non-finite step's update without waiting for that read.
 - `NonFiniteGuard`: a non-finite step is skipped (no optimizer step, its state untouched); after
   `train.nonfinite_patience` of them in a row the run rolls back to its last checkpoint (the LR
   scaled by `train.rollback_lr_factor`) or stops, as `train.nonfinite_action` says.
@@ -51,16 +53,16 @@ class StopSignal:
         self._previous = {}
 
 
-def step_status(
+def step_flags(
     loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool, check_grad: bool
-) -> tuple[bool, bool]:
-    """(non-finite, stop) for this step, the same on every rank. grad_norm: a plain tensor (the
-    full value of a DTensor norm).
+) -> torch.Tensor:
+    """(2,) float tensor on the device: [non-finite, stop] for this step, the same on every rank.
+    grad_norm: a plain tensor (the full value of a DTensor norm).
 
     A NaN on one rank reaches every rank's gradients through the gradient reduction, but its loss
     stays local, and a signal may reach one rank only: hence the all-reduce (MAX) of both flags.
-    This `.tolist()` is the loop's one host sync on steps that do not log: deciding whether to
-    step the optimizer needs the answer on the host.
+    Nothing here waits for the device (with NCCL the all-reduce is queued like a kernel); reading
+    the flags on the host is the sync, done every `train.check_every` steps (see `pending_flags`).
     """
     bad = ~torch.isfinite(loss)
     if check_grad:
@@ -68,8 +70,25 @@ def step_status(
     flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=loss.device)])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_flag, stop_flag = flags.tolist()
-    return bad_flag > 0, stop_flag > 0
+    return flags
+
+
+def skip_on_device(optimizers: list[torch.optim.Optimizer], flags: torch.Tensor) -> None:
+    """Step the optimizers, which leave parameters, moments and step counts untouched where
+    flags[0] is 1: the fused Adam/AdamW kernels read `found_inf` on the device, as they do for
+    torch.amp.GradScaler, so the decision needs no host sync."""
+    for optimizer in optimizers:
+        optimizer.found_inf = flags[0]  # 0-dim, like the step counts it is subtracted from
+        optimizer.step()
+        del optimizer.found_inf
+        optimizer.zero_grad(set_to_none=True)
+
+
+def supports_skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """A fused Adam/AdamW (not Muon's subclass, whose Muon groups have no fused kernel)."""
+    return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
 
 
 class NonFiniteGuard:
@@ -82,8 +101,12 @@ class NonFiniteGuard:
         self.rollbacks = 0
         self.lr_scale = 1.0
 
-    def good_step(self) -> None:
-        self.consecutive = 0
+    def record(self, step: int, bad: bool) -> str | None:
+        """None for a good step, else what bad_step says."""
+        if not bad:
+            self.consecutive = 0
+            return None
+        return self.bad_step(step)
 
     def bad_step(self, step: int) -> str:
         """'skip', or 'rollback' when patience ran out; raises LmforgeError when the run must stop."""

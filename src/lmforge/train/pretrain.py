@@ -6,6 +6,7 @@ optimizer → restore a checkpoint if resuming → compile (applied from outside
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -54,7 +55,16 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from lmforge.train.guards import NonFiniteGuard, StopSignal, step_status
+from lmforge.train.compile import apply_compile
+from lmforge.train.converters import convert_model
+from lmforge.train.float8 import check_float8_device
+from lmforge.train.guards import (
+    NonFiniteGuard,
+    StopSignal,
+    skip_on_device,
+    step_flags,
+    supports_skip_on_device,
+)
 from lmforge.train.metrics import BatchLog, MetricsLogger
 from lmforge.train.optim import build_optimizer
 from lmforge.train.pipeline_step import PipelineStep
@@ -96,8 +106,9 @@ def run_model_config(cfg: ModelConfig, seq_len: int, tokenizer_vocab: int):
         raise ConfigError(
             f"config key 'model.vocab_size' is {vocab_size} but the tokenizer has {tokenizer_vocab} tokens"
         )
+    overrides = {"qk_norm": True} if cfg.qk_norm else {}  # ModelConfig allows it for llama only
     try:
-        return model_config(cfg.family, cfg.flavor, vocab_size=vocab_size, max_seq_len=seq_len)
+        return model_config(cfg.family, cfg.flavor, vocab_size=vocab_size, max_seq_len=seq_len, **overrides)
     except ValueError as err:
         raise ConfigError(f"config key 'model': {err}") from None
 
@@ -154,6 +165,22 @@ def _global_mean(value: torch.Tensor) -> torch.Tensor:
 def _full(value: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (the grad norm under FSDP/TP), else the tensor itself."""
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _check_every(
+    cfg: RunConfig, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler
+) -> int:
+    """train.check_every, resolved: steps between host reads of the non-finite and stop flags."""
+    can_defer = all(supports_skip_on_device(o) for o in optimizers) and not scaler.is_enabled()
+    if cfg.train.check_every is None:
+        return cfg.logging.log_every if can_defer else 1
+    if cfg.train.check_every > 1 and not can_defer:
+        raise ConfigError(
+            f"config key 'train.check_every' is {cfg.train.check_every}, but skipping a non-finite step "
+            f"without a host sync needs a fused Adam/AdamW (optim.name adamw or adam, optim.fused true) "
+            f"and no fp16 GradScaler; got optim.name {cfg.optim.name!r}, optim.fused {cfg.optim.fused}"
+        )
+    return cfg.train.check_every
 
 
 def _peer_failure(err: BaseException) -> bool:
@@ -228,6 +255,7 @@ def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, d
     model from the same seed, which is exactly the single-process initialisation."""
     if not dims.distributed:
         model = build_model(model_cfg, device)
+        convert_model(model, cfg.train, dims.tp, device)
         return model, model
     sharded = dims.dp_shard > 1 or dims.tp > 1
     meta_init = cfg.parallel.meta_init
@@ -235,8 +263,10 @@ def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, d
         meta_init = sharded and build_model(model_cfg, "meta").num_params() >= 1_000_000_000
     if not (meta_init and sharded):
         model = build_model(model_cfg, device)
+        convert_model(model, cfg.train, dims.tp, device)
         return model, parallelize(model, dims, mesh, cfg.parallel, device, dtype)
     model = build_model(model_cfg, "meta")
+    convert_model(model, cfg.train, dims.tp, device)
     step_module = parallelize(model, dims, mesh, cfg.parallel, device, dtype)
     model.to_empty(device=device)
     model.init_weights()
@@ -268,13 +298,21 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: bool | str | Path = False)
         raise
     finally:
         if dist.is_initialized():
+            # Destroy the process groups while the interpreter is fully alive: collect the reference
+            # cycles that still hold one (DDP's reducer, the device mesh) now, not at interpreter
+            # teardown, where a gloo worker thread releasing a tensor needs a GIL that is gone and the
+            # process aborts ("terminate called without an active exception", seen once in CI).
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()
 
 
 def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: ParallelDims, device: torch.device,
               stop_signal: StopSignal) -> dict:  # fmt: skip
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt_dir = _check_start(run_dir, cfg, resume)
+    if cfg.train.float8:  # before any data is prepared
+        check_float8_device(device)
     dtype = resolve_precision(cfg.train.precision, device)
     configure_backends(device)
     mesh = build_mesh(dims, device) if dims.distributed else None
@@ -318,6 +356,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         # The full model is built (same seed everywhere) and pruned to this rank's stages, which
         # then get TP/FSDP like a whole model would.
         model = build_model(model_cfg, device)
+        convert_model(model, cfg.train, dims.tp, device)
         pipe = PipelineStep(model, cfg, mesh["pp"], device, cfg.parallel.pp_microbatches or dims.pp,
                             lambda part: parallelize(part, dims, mesh, cfg.parallel, device, dtype))  # fmt: skip
         parts, optimizers = pipe.parts, pipe.optimizers
@@ -353,7 +392,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         )
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
     use_compile = use_compile and pipe is None  # pipeline stages run eagerly for now
-    train_model = torch.compile(step_module) if use_compile else step_module
+    train_model = (
+        apply_compile(step_module, model, cfg.train.compile_scope, cfg.train.compile_mode)
+        if use_compile
+        else step_module
+    )
     flops_per_token = model.flops_per_token(seq_len)
     peak, _ = peak_flops(device)
     total_steps, max_steps = cfg.schedule_steps, cfg.train.max_steps
@@ -379,9 +422,12 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
             record.pop("val_tokens")
         log.log_eval(record)
         if cfg.train.sample_tokens > 0 and dims.tp == 1 and pipe is None:
-            text = complete(
-                model, tokenizer, "def ", cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=at_step
-            )
+            # Eagerly: generation's changing shapes and KV caches would make compiled blocks
+            # recompile until Dynamo gives up on them, for training too.
+            with torch.compiler.set_stance("force_eager"):
+                text = complete(
+                    model, tokenizer, "def ", cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=at_step
+                )
             log.print(f"sample: def {text!r}")
         return record
 
@@ -405,10 +451,34 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
                   f"{ckpt.name} with the learning rate scaled by {guard.lr_scale:g}")  # fmt: skip
         return restored
 
+    def read_flags(at_step: int) -> tuple[bool, bool, list[str]]:
+        """Read the flags of the steps since the last read (a host sync) and let the guard count
+        them: (the last step non-finite, a stop requested, the guard's actions). Raises when the
+        guard says stop."""
+        rows = torch.stack(pending).tolist()
+        pending.clear()
+        actions = []
+        for index, (bad_flag, _) in enumerate(rows):
+            bad_at = at_step - len(rows) + 1 + index
+            action = guard.record(bad_at, bad_flag > 0)
+            if action is not None:
+                log.event(
+                    {"step": bad_at, "event": "nonfinite", "action": action, "nonfinite_steps": guard.total}
+                )
+                actions.append(action)
+                if action == "rollback":
+                    break  # the steps after it are undone by the rollback
+        return rows[-1][0] > 0, any(stop_flag > 0 for _, stop_flag in rows), actions
+
+    check_every = _check_every(cfg, optimizers, scaler)
+    pending: list[torch.Tensor] = []  # step_flags of the steps not read on the host yet
     last_eval: dict = {}
     started = last_log_time = time.perf_counter()
+    paused_s = 0.0  # time spent evaluating and checkpointing
     last_log_step = step
     while step < max_steps:
+        bad = stop = False  # known for this step once its flags are read (below)
+        actions = []
         lr = lr_at(step, cfg.schedule, cfg.optim.lr, total_steps) * guard.lr_scale
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -439,34 +509,41 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if fault("train.loss_value", step + 1):
             loss_sum = loss_sum * float("nan")
-        # With fp16 the GradScaler skips overflowing steps itself; a non-finite loss is ours to handle.
         grad_norm = _full(grad_norm)  # once per step: the non-finite check and the logging read it
-        bad, stop = step_status(
-            loss_sum, grad_norm, stop_signal.requested is not None, not scaler.is_enabled()
-        )
-        if bad:  # skip the update: parameters and optimizer state stay as they were
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            action = guard.bad_step(step + 1)
-            log.event({"step": step + 1, "event": "nonfinite", "action": action,
-                       "nonfinite_steps": guard.total})  # fmt: skip
-            if scaler.is_enabled():
+        # With fp16 the GradScaler skips overflowing steps itself; a non-finite loss is ours to handle.
+        flags = step_flags(loss_sum, grad_norm, stop_signal.requested is not None, not scaler.is_enabled())
+        if check_every == 1:  # decide on the host: one sync per step
+            pending.append(flags)
+            bad, stop, actions = read_flags(step + 1)
+            if bad:  # skip the update: parameters and optimizer state stay as they were
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                if scaler.is_enabled():
+                    scaler.update()
+            else:
+                for optimizer in optimizers:
+                    scaler.step(optimizer)
+                    optimizer.zero_grad(set_to_none=True)
                 scaler.update()
-        else:
-            guard.good_step()
-            for optimizer in optimizers:
-                scaler.step(optimizer)
-                optimizer.zero_grad(set_to_none=True)
-            scaler.update()
+        else:  # the fused optimizer skips a non-finite step on the device; the host reads the flags later
+            skip_on_device(optimizers, flags)
+            pending.append(flags)
         step += 1
         log.advance()
         fault("train.step", step)
-        if bad and action == "rollback":
+        logging_step = step % cfg.logging.log_every == 0 or step == max_steps
+        eval_step = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != max_steps
+        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if check_every > 1 and (
+            step % check_every == 0 or logging_step or eval_step or periodic or step == max_steps
+        ):
+            bad, stop, actions = read_flags(step)
+        if "rollback" in actions:
             step = last_log_step = rollback()
             continue
 
-        if not bad and (step % cfg.logging.log_every == 0 or step == max_steps):
-            # Host syncs: .item() on logging steps, and step_status's flags (above) every step.
+        if not bad and logging_step:
+            # Host syncs: the flags above (every train.check_every steps), .item() on logging steps.
             loss_value, grad_norm_value = _global_mean(loss_sum).item(), grad_norm.item()
             synchronize(device)
             now = time.perf_counter()
@@ -483,9 +560,16 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
             })  # fmt: skip
             last_log_time, last_log_step = now, step
         paused_at = time.perf_counter()  # evaluation and checkpoints do not count towards tokens/s
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != max_steps and not stop:
+        if eval_step and not stop:
             last_eval = evaluate(step)
-        periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+            target = cfg.train.target_val_loss
+            if target is not None and last_eval["val_loss"] <= target:
+                log.event({"step": step, "event": "target_reached", "val_loss": last_eval["val_loss"],
+                           "target_val_loss": target, "train_time_s": paused_at - started - paused_s})  # fmt: skip
+                log.print(
+                    f"step {step}: validation loss {last_eval['val_loss']:.4f} <= train.target_val_loss {target}"
+                )
+                max_steps = step  # the end-of-run checkpoint follows; the evaluation is not repeated
         if step != max_steps and (periodic or stop):
             checkpoint(step)
         if stop and step != max_steps:  # preempted: the checkpoint is written, exit cleanly
@@ -496,6 +580,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
             loader.close()
             return {"step": step, "stopped_by": stop_signal.requested or "another rank's signal"}
         last_log_time += time.perf_counter() - paused_at
+        paused_s += time.perf_counter() - paused_at
 
     last_eval = evaluate(step) if not last_eval or last_eval["step"] != step else last_eval
     checkpoint(step)

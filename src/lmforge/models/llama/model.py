@@ -44,6 +44,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0  # RoPE base; Llama 3 uses 500000 for long context
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # share tok_embeddings.weight with output.weight
+    qk_norm: bool = False  # RMSNorm per head on queries and keys before RoPE (OLMo 2, Qwen3)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -166,14 +167,20 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # QK-norm bounds the attention logits whatever the weights' scale, which lets the learning
+        # rate go higher (Dehghani et al. 2023, "Scaling Vision Transformers to 22B"; OLMo 2).
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.kv_cache: KVCache | None = None  # set by Llama.setup_kv_cache for generation
 
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, input_pos: Tensor | None) -> Tensor:
         B, T, _ = x.shape  # x: (B, T, dim)
-        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q, k, v = self.project_qkv(x)  # (B, T, n_heads * head_dim), (B, T, n_kv_heads * head_dim) x 2
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = v.view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         n_rep = q.size(2) // k.size(2)  # query heads per kv head; the same on a TP shard
+        q, k = self.q_norm(q), self.k_norm(k)  # over head_dim; identity without cfg.qk_norm
         q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
 
@@ -191,10 +198,17 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
         return self.wo(y)  # (B, T, dim)
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Three matmuls; lmforge.train.fused_projections swaps in one over the stacked weights."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def init_weights(self, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
             nn.init.normal_(linear.weight, mean=0.0, std=0.02)
         nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if isinstance(norm, RMSNorm):
+                norm.init_weights()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +227,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, T, dim) -> (B, T, hidden) -> (B, T, dim)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.gated(x))
+
+    def gated(self, x: Tensor) -> Tensor:
+        """silu(w1 x) * w3 x, (B, T, hidden). Two matmuls; lmforge.train.fused_projections swaps in one."""
+        return F.silu(self.w1(x)) * self.w3(x)
 
     def init_weights(self, out_std: float) -> None:
         nn.init.normal_(self.w1.weight, mean=0.0, std=0.02)

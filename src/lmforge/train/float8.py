@@ -1,0 +1,58 @@
+"""Float8 training of the linear layers inside the blocks (`train.float8`), by torchao.
+
+torchao's `Float8Linear` casts each matmul's input, weight and output gradient to float8 with one
+dynamic scale per tensor ("tensorwise" recipe) and multiplies them with `torch._scaled_mm`; the
+weights, optimizer state and everything outside those matmuls keep their precision. On an H100 the
+float8 tensor cores have twice the bf16 peak (1979 vs 989 TFLOP/s dense, NVIDIA's H100 datasheet),
+so the large matmuls of a 1B+ model get faster; the casts cost memory bandwidth, which small
+models do not win back.
+
+Left in high precision: the output head (the vocab projection, whose logits set the loss: torchtitan
+leaves it out too) and any layer whose dimensions are not multiples of 16, which `_scaled_mm`
+requires. The fused loss reads the head's weight directly, so it is not affected either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+HEAD_NAMES = ("output", "lm_head")
+
+
+def check_float8_device(device: torch.device) -> None:
+    """float8 matmuls need an NVIDIA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
+    if device.type != "cuda":
+        raise ConfigError(
+            f"config key 'train.float8' needs a CUDA GPU of compute capability >= 8.9; the device is {device}"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ConfigError(
+            f"config key 'train.float8' needs a GPU of compute capability >= 8.9; "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+        )
+
+
+def _float8_eligible(module: nn.Module, fqn: str) -> bool:
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.rsplit(".", 1)[-1] not in HEAD_NAMES
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def apply_float8(model: nn.Module) -> int:
+    """Swap the eligible nn.Linear layers of `model` for torchao's Float8Linear in place (before
+    TP/FSDP and compile); returns how many were swapped."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ConfigError("config key 'train.float8' needs torchao: pip install torchao") from None
+    before = sum(isinstance(m, nn.Linear) for m in model.modules())
+    convert_to_float8_training(model, module_filter_fn=_float8_eligible, config=Float8LinearConfig())
+    after = sum(type(m) is nn.Linear for m in model.modules())
+    return before - after
