@@ -46,7 +46,7 @@ def prepare(
     """Tokenize a corpus into memory-mapped shards with a tokenizer and a manifest.
 
     Args:
-        source: stdlib (the Python standard library's source), a text file, a directory, a glob, a .jsonl or .parquet file.
+        source: stdlib (the Python standard library's source), python (the standard library and site-packages), a text file, a directory, a glob, a .jsonl or .parquet file.
         out: Output directory (tokenizer.json, train_*.bin, val_*.bin, manifest.json).
         vocab_size: Vocabulary size of the byte-level BPE tokenizer to train.
         val_fraction: Fraction of documents held out for validation.

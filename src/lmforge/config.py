@@ -56,7 +56,7 @@ class DataConfig:
     """Where the tokens come from.
 
     Args:
-        source: Corpus: `stdlib` (the Python standard library's own source), a text file, a directory, a glob, a .jsonl or a .parquet file.
+        source: Corpus: `stdlib` (the Python standard library's own source), `python` (the standard library and site-packages), a text file, a directory, a glob, a .jsonl or a .parquet file.
         dir: Prepared data directory (tokenizer.json, shards, manifest.json); default RUN/data, prepared from `source` if missing.
         vocab_size: Vocabulary size of the byte-level BPE tokenizer trained on the corpus.
         tokenizer: Use this tokenizer.json instead of training one.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sysconfig
@@ -118,3 +119,23 @@ def test_stdlib_files():
     assert root / "json" / "decoder.py" in files
     rel = [p.relative_to(root).as_posix() for p in files]
     assert rel == sorted(rel)
+
+
+def test_python_installation_files_are_stdlib_plus_site_packages():
+    stdlib = list_files("stdlib")
+    files = list_files("python")
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert set(stdlib) <= set(files)  # the standard library, plus...
+    import safetensors  # ...every installed package's .py files, lmforge's dependencies among them
+
+    assert Path(safetensors.__file__).resolve() in files
+    assert all(p.suffix == ".py" and "__pycache__" not in p.parts for p in files)
+    assert len(files) > len(stdlib) and any(p.resolve().is_relative_to(site) for p in files)
+
+
+def test_python_installation_origins_do_not_depend_on_where_it_lives():
+    documents = iter_documents("python", warn=False)
+    origins = [origin for origin, _ in itertools.islice(documents, 2000)]
+    assert origins == sorted(origins)
+    assert {origin.split("/", 1)[0] for origin in origins} <= {"stdlib", "site-packages"}
+    assert "site-packages/safetensors/__init__.py" in {o for o, _ in iter_documents("python", warn=False)}

@@ -8,7 +8,7 @@ from lmforge.errors import ConfigError
 RECIPES = Path(__file__).parents[2] / "recipes"
 
 
-@pytest.mark.parametrize("recipe", ["debug", "tiny", "gpt2-124m", "llama-1b"])
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_recipes_load_and_round_trip(recipe, tmp_path):
     cfg = load_config(RECIPES / f"{recipe}.yaml")
     save_config(cfg, tmp_path / "config.yaml")

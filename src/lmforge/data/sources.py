@@ -3,6 +3,8 @@
 A source is one of:
 
 - ``stdlib``: every ``.py`` file of the running Python's standard library (no ``site-packages``);
+- ``python``: every ``.py`` file of the running Python's installation: the standard library and
+  its ``site-packages`` (origins ``stdlib/...`` and ``site-packages/...``);
 - a file: a ``.jsonl`` file (one JSON object per line, document = its ``text`` field), a ``.parquet``
   file (document = one value of its ``text`` column), any other file (document = the whole file);
 - a directory: every regular file under it, recursively, sorted, skipping hidden files and folders
@@ -31,6 +33,7 @@ from pathlib import Path
 from lmforge.data.errors import DataError, DataWarning
 
 STDLIB = "stdlib"
+PYTHON = "python"
 _GLOB_CHARS = "*?["
 _SKIPPED_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 _PARQUET_BATCH_ROWS = 1024
@@ -41,37 +44,62 @@ def _stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _resolve(source: str, exclude: str | Path | None) -> tuple[Path, list[Path]]:
-    """(the folder that origins are relative to, the sorted files)."""
-    root, files = _find_files(source)
+def _site_packages_dirs() -> list[Path]:
+    """The running Python's site-packages folders (purelib and platlib; one folder on most systems)."""
+    paths = sysconfig.get_paths()
+    dirs = dict.fromkeys(Path(paths[key]).resolve() for key in ("purelib", "platlib"))
+    return [d for d in dirs if d.is_dir()]
+
+
+def _python_files(root: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    """(prefix + path relative to root, path) of the .py files under root, outside __pycache__ and
+    nested site-packages."""
+    found = []
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root)
+        if path.is_file() and not _SKIPPED_DIRS.intersection(relative.parts[:-1]):
+            found.append((prefix + relative.as_posix(), path))
+    return found
+
+
+def _resolve(source: str, exclude: str | Path | None) -> list[tuple[str, Path]]:
+    """(origin, path) of every file of the source, sorted by origin."""
+    files = _find_files(source)
     if exclude is not None:
         excluded = Path(exclude).resolve()
-        files = [p for p in files if not p.resolve().is_relative_to(excluded)]
-    return root, files
+        files = [(origin, p) for origin, p in files if not p.resolve().is_relative_to(excluded)]
+    return sorted(files, key=lambda item: item[0])
 
 
-def _find_files(source: str) -> tuple[Path, list[Path]]:
+def _relative_to(root: Path, files: list[Path]) -> list[tuple[str, Path]]:
+    return [(p.relative_to(root).as_posix(), p) for p in files]
+
+
+def _find_files(source: str) -> list[tuple[str, Path]]:
     if source == STDLIB:
-        root = _stdlib_dir()
-        files = [
-            p
-            for p in root.rglob("*.py")
-            if p.is_file() and not _SKIPPED_DIRS.intersection(p.relative_to(root).parts)
-        ]
-        return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+        return _python_files(_stdlib_dir())
+    if source == PYTHON:
+        # Origins "stdlib/..." and "site-packages/...": the same on every machine with the same
+        # packages, wherever the installation lives.
+        files = _python_files(_stdlib_dir(), "stdlib/")
+        for site in _site_packages_dirs():
+            files += _python_files(site, "site-packages/")
+        return files
     path = Path(source)
     if path.is_file():
-        return path.parent, [path]
+        return _relative_to(path.parent, [path])
     if path.is_dir():
-        return path, _walk(path)
+        return _relative_to(path, _walk(path))
     if any(ch in source for ch in _GLOB_CHARS):
         # Origins are relative to the pattern's folder before its first wildcard ("data" of "data/**/*.txt").
         base = Path(*itertools.takewhile(lambda part: not any(ch in part for ch in _GLOB_CHARS), path.parts))
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+        files = [Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
         if not files:
             raise DataError(f"corpus glob '{source}' matches no files")
-        return base, sorted(files, key=lambda p: p.relative_to(base).as_posix())
-    raise DataError(f"corpus '{source}' does not exist (expected 'stdlib', a file, a directory or a glob)")
+        return _relative_to(base, files)
+    raise DataError(
+        f"corpus '{source}' does not exist (expected 'stdlib', 'python', a file, a directory or a glob)"
+    )
 
 
 def _walk(root: Path) -> list[Path]:
@@ -90,7 +118,7 @@ def list_files(source: str, exclude: str | Path | None = None) -> list[Path]:
 
     ``exclude``: a folder whose files are left out (the output folder, when it is inside the corpus).
     """
-    return _resolve(source, exclude)[1]
+    return [path for _, path in _resolve(source, exclude)]
 
 
 def iter_documents(
@@ -102,20 +130,19 @@ def iter_documents(
     :class:`DataWarning` if ``warn``. DataError if the source does not exist or has no document.
     ``exclude``: as for :func:`list_files`.
     """
-    root, files = _resolve(source, exclude)  # now, so that a missing or empty source fails at the call
+    files = _resolve(source, exclude)  # now, so that a missing or empty source fails at the call
     if not files:
         raise DataError(f"corpus '{source}' has no readable text documents (0 files looked at)")
-    return _documents(source, root, files, skipped, warn)
+    return _documents(source, files, skipped, warn)
 
 
 def _documents(
-    source: str, root: Path, files: list[Path], skipped: list[str] | None, warn: bool
+    source: str, files: list[tuple[str, Path]], skipped: list[str] | None, warn: bool
 ) -> Iterator[tuple[str, str]]:
     n_documents = 0
     skipped = [] if skipped is None else skipped
     n_skipped_before = len(skipped)
-    for path in files:
-        origin = path.relative_to(root).as_posix()
+    for origin, path in files:
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             documents = _read_jsonl(path, origin)

@@ -413,6 +413,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     )
 
     def evaluate(at_step: int) -> dict:
+        train_clock = time.perf_counter() - started - paused_s
         # Every rank evaluates the same batches (FSDP needs all ranks in each forward).
         if pipe is not None:
             val_loss = pipe.evaluate(val_data, device)
@@ -420,6 +421,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         else:
             record = {"step": at_step, **evaluate_loss(model, val_data, device, dtype)}
             record.pop("val_tokens")
+        # Seconds this process spent training before this evaluation (evaluations and checkpoints
+        # left out): the clock of time-to-loss comparisons.
+        record["train_time_s"] = train_clock
         log.log_eval(record)
         if cfg.train.sample_tokens > 0 and dims.tp == 1 and pipe is None:
             # Eagerly: generation's changing shapes and KV caches would make compiled blocks
@@ -565,7 +569,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
             target = cfg.train.target_val_loss
             if target is not None and last_eval["val_loss"] <= target:
                 log.event({"step": step, "event": "target_reached", "val_loss": last_eval["val_loss"],
-                           "target_val_loss": target, "train_time_s": paused_at - started - paused_s})  # fmt: skip
+                           "target_val_loss": target, "train_time_s": last_eval["train_time_s"]})  # fmt: skip
                 log.print(
                     f"step {step}: validation loss {last_eval['val_loss']:.4f} <= train.target_val_loss {target}"
                 )
