@@ -6,7 +6,9 @@ and the optimizer step, the part lmforge's own code decides.
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -48,6 +50,7 @@ def bench(
     fused_projections: bool = False,
     float8: bool = False,
     optimizer: Literal["adamw", "muon"] = "adamw",
+    profile: str | None = None,
 ) -> dict:
     """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms.
 
@@ -69,6 +72,7 @@ def bench(
         fused_projections: llama: one matmul for q, k, v and one for gate and up.
         float8: torchao float8 training of the block's linear layers (GPU of compute capability >= 8.9).
         optimizer: adamw (fused on CUDA) or muon.
+        profile: After timing, profile 3 more steps with torch.profiler: write a Chrome/Perfetto trace to this path and print the 15 ops with the most self time to stderr.
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -81,7 +85,7 @@ def bench(
     model = build_model(model_cfg, dev)
     convert_model(model, TrainConfig(fused_projections=fused_projections, float8=float8), 1, dev)
     apply_activation_checkpointing(model, activation_checkpointing)
-    optimizer = build_optimizer(model, OptimConfig(name=optimizer), dev.type)
+    opt = build_optimizer(model, OptimConfig(name=optimizer), dev.type)
     use_compile = compile if compile is not None else dev.type == "cuda"
     train_model = apply_compile(model, model, compile_scope, compile_mode) if use_compile else model
     vocab = model.cfg.vocab_size
@@ -95,11 +99,11 @@ def bench(
             else:
                 loss = cross_entropy(train_model(tokens[:, :-1]), tokens[:, 1:])
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
+        scaler.step(opt)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()
@@ -111,6 +115,9 @@ def bench(
         step()
     synchronize(dev)
     elapsed = time.perf_counter() - started
+
+    if profile is not None:
+        _profile(step, dev, Path(profile))
 
     tokens_per_sec = batch_size * seq_len * steps / elapsed
     peak, peak_source = peak_flops(dev)
@@ -135,3 +142,19 @@ def bench(
         "flops_per_token": flops_per_token,
         "peak_mem_gib": peak_memory_gib(dev),
     }
+
+
+def _profile(step, dev: torch.device, trace: Path, steps: int = 3) -> None:
+    """Where a step's time goes: torch.profiler over `steps` steps, a trace file and a top-ops table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profiler(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(dev)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    sort_by = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=15), file=sys.stderr)

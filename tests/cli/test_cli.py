@@ -71,6 +71,22 @@ def test_bench_prints_one_json_line(capsys):
     assert {"mfu", "peak_mem_gib", "mfu_peak"} <= set(result)
 
 
+def test_bench_switches_and_profile(capsys, tmp_path):
+    trace = tmp_path / "trace.json"
+    args = ["bench", "--family", "llama", "--flavor", "debug", "--batch-size", "2", "--seq-len", "32",
+            "--steps", "2", "--warmup", "1", "--fused-projections", "true", "--optimizer", "muon",
+            "--activation-checkpointing", "full", "--profile", str(trace)]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["fused_projections"] is True and result["optimizer"] == "muon"
+    assert result["activation_checkpointing"] == "full" and result["compile"] is False
+    # The trace has the step's ops; the table names the top ones (the matmuls among them).
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert "Self CPU" in captured.err and "aten::mm" in captured.err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
