@@ -164,7 +164,7 @@ class TrainConfig:
         compile_mode: torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
         fused_projections: llama: one matmul for q, k, v and one for the SwiGLU gate and up projections (same parameters and checkpoints).
         float8: Train the linear layers inside the blocks in float8 (torchao, tensorwise scaling); needs torchao and a GPU of compute capability >= 8.9.
-        check_every: Steps between the loop's host syncs that read the non-finite flags and the stop signal; in between, a non-finite step is skipped on the device (needs a fused Adam/AdamW and no fp16). Default: logging.log_every when that holds, else 1.
+        check_every: Steps between the loop's host syncs that read the non-finite flags and the stop signal; in between, a non-finite step is skipped on the device (needs a fused Adam/AdamW and no fp16); a stop signal waits for the next read. Default: logging.log_every, at most 10, when that holds, else 1.
         target_val_loss: Stop (with a checkpoint) at the first evaluation whose validation loss is at or below this.
         device: auto, cpu, cuda, cuda:N.
         eval_every: Evaluate on the validation split every N steps (and at the end); 0 disables periodic evaluation.

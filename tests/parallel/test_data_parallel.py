@@ -178,6 +178,21 @@ def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, 
     assert errors and message in errors[0], result.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    ("switches", "message"),
+    [
+        (["--train.fused_projections=true"], "'train.fused_projections' is not supported with FSDP"),
+        (["--train.compile=true", "--train.compile_mode=reduce-overhead"], "records CUDA graphs"),
+    ],
+    ids=["fused-projections-fsdp", "cuda-graphs-distributed"],
+)
+def test_speed_switch_the_layout_cannot_take_fails_fast(switches, message, prepared_dir, tmp_path):
+    result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *switches), tmp_path)
+    assert result.returncode != 0  # (torchrun's own summary of a failed worker has a traceback)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: config key")]
+    assert errors and message in errors[0], result.stderr[-2000:]
+
+
 def test_export_gathers_a_sharded_checkpoint_into_one_file(prepared_dir, reference, tmp_path):
     """FSDP x TP on 4 ranks -> one safetensors file holding the same tensors as a 1-process checkpoint."""
     from safetensors.torch import load_file

@@ -54,3 +54,30 @@ def test_float8_bench_on_gpu():
     pytest.importorskip("torchao")
     result = bench("llama", "debug", batch_size=8, seq_len=64, steps=3, warmup=2, precision="bf16", float8=True)
     assert result["float8"] is True and result["tokens_per_sec"] > 0
+
+
+def _sync_warnings(debug_config, run_dir, check_every: int) -> int:
+    import warnings
+
+    cfg = debug_config(
+        train={"max_steps": 20, "device": "cuda", "compile": False, "eval_every": 0, "check_every": check_every},
+        optim={"fused": True},
+        logging={"log_every": 10, "tensorboard": False, "plot": False},
+        checkpoint={"every_steps": 0},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pretrain(cfg, run_dir)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def test_deferred_reads_take_the_host_sync_out_of_most_steps(debug_config, tmp_path):
+    every_step = _sync_warnings(debug_config, tmp_path / "every", 1)
+    deferred = _sync_warnings(debug_config, tmp_path / "deferred", 10)
+    # 20 steps: reading the flags every step syncs at least 20 times; reading them every 10 steps
+    # removes 18 of those (set-up, evaluation and checkpoint syncs are the same in both runs).
+    assert every_step - deferred >= 18, (every_step, deferred)

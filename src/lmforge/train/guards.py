@@ -67,7 +67,8 @@ def step_flags(
     bad = ~torch.isfinite(loss)
     if check_grad:
         bad = bad | ~torch.isfinite(grad_norm)
-    flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=loss.device)])
+    # torch.full, not torch.tensor: a Python number copied to a GPU waits for the queued work.
+    flags = torch.stack([bad.float(), torch.full((), float(stop_requested), device=loss.device)])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags

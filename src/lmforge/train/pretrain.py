@@ -173,7 +173,8 @@ def _check_every(
     """train.check_every, resolved: steps between host reads of the non-finite and stop flags."""
     can_defer = all(supports_skip_on_device(o) for o in optimizers) and not scaler.is_enabled()
     if cfg.train.check_every is None:
-        return cfg.logging.log_every if can_defer else 1
+        # At most 10: a stop signal is acted on at the next read, within a scheduler's grace period.
+        return min(cfg.logging.log_every, 10) if can_defer else 1
     if cfg.train.check_every > 1 and not can_defer:
         raise ConfigError(
             f"config key 'train.check_every' is {cfg.train.check_every}, but skipping a non-finite step "
@@ -255,7 +256,7 @@ def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, d
     model from the same seed, which is exactly the single-process initialisation."""
     if not dims.distributed:
         model = build_model(model_cfg, device)
-        convert_model(model, cfg.train, dims.tp, device)
+        convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
         return model, model
     sharded = dims.dp_shard > 1 or dims.tp > 1
     meta_init = cfg.parallel.meta_init
@@ -263,10 +264,10 @@ def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, d
         meta_init = sharded and build_model(model_cfg, "meta").num_params() >= 1_000_000_000
     if not (meta_init and sharded):
         model = build_model(model_cfg, device)
-        convert_model(model, cfg.train, dims.tp, device)
+        convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
         return model, parallelize(model, dims, mesh, cfg.parallel, device, dtype)
     model = build_model(model_cfg, "meta")
-    convert_model(model, cfg.train, dims.tp, device)
+    convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
     step_module = parallelize(model, dims, mesh, cfg.parallel, device, dtype)
     model.to_empty(device=device)
     model.init_weights()
@@ -356,7 +357,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         # The full model is built (same seed everywhere) and pruned to this rank's stages, which
         # then get TP/FSDP like a whole model would.
         model = build_model(model_cfg, device)
-        convert_model(model, cfg.train, dims.tp, device)
+        convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
         pipe = PipelineStep(model, cfg, mesh["pp"], device, cfg.parallel.pp_microbatches or dims.pp,
                             lambda part: parallelize(part, dims, mesh, cfg.parallel, device, dtype))  # fmt: skip
         parts, optimizers = pipe.parts, pipe.optimizers
@@ -392,6 +393,13 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         )
     use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
     use_compile = use_compile and pipe is None  # pipeline stages run eagerly for now
+    if use_compile and cfg.train.compile_mode in ("reduce-overhead", "max-autotune") and dims.distributed:
+        # CUDA graphs replay fixed memory addresses and kernels; the gradient reduction and FSDP's
+        # per-step all-gathers between them are not captured correctly by them yet.
+        raise ConfigError(
+            f"config key 'train.compile_mode' {cfg.train.compile_mode!r} records CUDA graphs, which are not "
+            f"supported with several processes (layout {dims}) yet: use 'default' or 'max-autotune-no-cudagraphs'"
+        )
     train_model = (
         apply_compile(step_module, model, cfg.train.compile_scope, cfg.train.compile_mode)
         if use_compile
