@@ -250,24 +250,28 @@ def _check_start(run_dir: Path, cfg: RunConfig, resume: bool | str | Path) -> Pa
     return ckpt_dir
 
 
+def _build_converted(model_cfg, cfg: RunConfig, dims: ParallelDims, build_on, device: torch.device):
+    """build_model on `build_on` (the device or "meta"), then the module swaps of `train`."""
+    model = build_model(model_cfg, build_on)
+    convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
+    return model
+
+
 def _build_parallel_model(model_cfg, cfg: RunConfig, dims: ParallelDims, mesh, device: torch.device, dtype):
     """(model, the module the step calls). Sharded layouts of big models are built on the meta
     device and only this rank's shards are ever allocated; otherwise every rank builds the full
     model from the same seed, which is exactly the single-process initialisation."""
     if not dims.distributed:
-        model = build_model(model_cfg, device)
-        convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
+        model = _build_converted(model_cfg, cfg, dims, device, device)
         return model, model
     sharded = dims.dp_shard > 1 or dims.tp > 1
     meta_init = cfg.parallel.meta_init
     if meta_init is None:
         meta_init = sharded and build_model(model_cfg, "meta").num_params() >= 1_000_000_000
     if not (meta_init and sharded):
-        model = build_model(model_cfg, device)
-        convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
+        model = _build_converted(model_cfg, cfg, dims, device, device)
         return model, parallelize(model, dims, mesh, cfg.parallel, device, dtype)
-    model = build_model(model_cfg, "meta")
-    convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
+    model = _build_converted(model_cfg, cfg, dims, "meta", device)
     step_module = parallelize(model, dims, mesh, cfg.parallel, device, dtype)
     model.to_empty(device=device)
     model.init_weights()
@@ -356,8 +360,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     if dims.pp > 1:
         # The full model is built (same seed everywhere) and pruned to this rank's stages, which
         # then get TP/FSDP like a whole model would.
-        model = build_model(model_cfg, device)
-        convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
+        model = _build_converted(model_cfg, cfg, dims, device, device)
         pipe = PipelineStep(model, cfg, mesh["pp"], device, cfg.parallel.pp_microbatches or dims.pp,
                             lambda part: parallelize(part, dims, mesh, cfg.parallel, device, dtype))  # fmt: skip
         parts, optimizers = pipe.parts, pipe.optimizers
@@ -463,13 +466,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
                   f"{ckpt.name} with the learning rate scaled by {guard.lr_scale:g}")  # fmt: skip
         return restored
 
-    def read_flags(at_step: int) -> tuple[bool, bool, list[str]]:
+    def read_flags(at_step: int) -> tuple[bool, bool, bool]:
         """Read the flags of the steps since the last read (a host sync) and let the guard count
-        them: (the last step non-finite, a stop requested, the guard's actions). Raises when the
-        guard says stop."""
+        them: (the last step non-finite, a stop requested, roll back). Raises when the guard says stop."""
         rows = torch.stack(pending).tolist()
         pending.clear()
-        actions = []
         for index, (bad_flag, _) in enumerate(rows):
             bad_at = at_step - len(rows) + 1 + index
             action = guard.record(bad_at, bad_flag > 0)
@@ -477,10 +478,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
                 log.event(
                     {"step": bad_at, "event": "nonfinite", "action": action, "nonfinite_steps": guard.total}
                 )
-                actions.append(action)
-                if action == "rollback":
-                    break  # the steps after it are undone by the rollback
-        return rows[-1][0] > 0, any(stop_flag > 0 for _, stop_flag in rows), actions
+            if action == "rollback":  # the steps after it are undone by the rollback
+                return True, False, True
+        return rows[-1][0] > 0, any(stop_flag > 0 for _, stop_flag in rows), False
 
     check_every = _check_every(cfg, optimizers, scaler)
     pending: list[torch.Tensor] = []  # step_flags of the steps not read on the host yet
@@ -489,8 +489,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
     paused_s = 0.0  # time spent evaluating and checkpointing
     last_log_step = step
     while step < max_steps:
-        bad = stop = False  # known for this step once its flags are read (below)
-        actions = []
+        bad = stop = roll_back = False  # known for this step once its flags are read (below)
         lr = lr_at(step, cfg.schedule, cfg.optim.lr, total_steps) * guard.lr_scale
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -526,7 +525,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         flags = step_flags(loss_sum, grad_norm, stop_signal.requested is not None, not scaler.is_enabled())
         if check_every == 1:  # decide on the host: one sync per step
             pending.append(flags)
-            bad, stop, actions = read_flags(step + 1)
+            bad, stop, roll_back = read_flags(step + 1)
             if bad:  # skip the update: parameters and optimizer state stay as they were
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
@@ -546,11 +545,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         logging_step = step % cfg.logging.log_every == 0 or step == max_steps
         eval_step = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != max_steps
         periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if check_every > 1 and (
-            step % check_every == 0 or logging_step or eval_step or periodic or step == max_steps
-        ):
-            bad, stop, actions = read_flags(step)
-        if "rollback" in actions:
+        if check_every > 1 and (step % check_every == 0 or logging_step or eval_step or periodic):
+            bad, stop, roll_back = read_flags(step)
+        if roll_back:
             step = last_log_step = rollback()
             continue
 
