@@ -293,7 +293,10 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: bool | str | Path = False)
         init_distributed(device, cfg.parallel.timeout_s)
     try:
         with StopSignal() as stop_signal:
-            return _pretrain(cfg, run_dir, resume, dims, device, stop_signal)
+            result = _pretrain(cfg, run_dir, resume, dims, device, stop_signal)
+        if dims.distributed:
+            dist.barrier()  # no rank tears its process group down while another still talks to it
+        return result
     except RuntimeError as err:  # gloo/NCCL errors are RuntimeErrors (DistBackendError among them)
         if dims.distributed and _peer_failure(err):
             raise LmforgeError(
