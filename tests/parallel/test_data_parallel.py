@@ -178,6 +178,21 @@ def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, 
     assert errors and message in errors[0], result.stderr[-2000:]
 
 
+@pytest.mark.slow  # inductor compiles the debug blocks in each of 2 processes (~40 s)
+@pytest.mark.parametrize("layout", [["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], []], ids=["ddp", "fsdp"])
+def test_compiled_blocks_train_like_eager_under_ddp_and_fsdp(layout, prepared_dir, reference, tmp_path):
+    # torch.compile is on by default on CUDA, where DDP and FSDP2 run it: the compiled blocks (FSDP's
+    # hooks stay outside them) must give the eager single-process losses, up to kernel rounding.
+    out = tmp_path / "run"
+    result = launch(2, common_args(prepared_dir, out, 2, "--train.compile=true", *layout), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compile=True" in result.stdout
+    got, want = losses(out), losses(reference)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-3 * abs(want[step]), (step, got[step], want[step])
+
+
 @pytest.mark.parametrize(
     ("switches", "message"),
     [
