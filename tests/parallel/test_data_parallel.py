@@ -178,9 +178,13 @@ def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, 
     assert errors and message in errors[0], result.stderr[-2000:]
 
 
-@pytest.mark.slow  # inductor compiles the debug blocks in each of 2 processes (~40 s)
-@pytest.mark.parametrize("layout", [["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], []], ids=["ddp", "fsdp"])
-def test_compiled_blocks_train_like_eager_under_ddp_and_fsdp(layout, prepared_dir, reference, tmp_path):
+@pytest.mark.slow  # inductor compiles the debug model in each of 2 processes (~20 s a layout)
+@pytest.mark.parametrize(
+    "layout",
+    [["--parallel.dp_replicate=2", "--parallel.dp_shard=1"], [], ["--train.compile_scope=model"]],
+    ids=["ddp", "fsdp", "fsdp-whole-model"],
+)
+def test_compiled_model_trains_like_eager_under_ddp_and_fsdp(layout, prepared_dir, reference, tmp_path):
     # torch.compile is on by default on CUDA, where DDP and FSDP2 run it: the compiled blocks (FSDP's
     # hooks stay outside them) must give the eager single-process losses, up to kernel rounding.
     out = tmp_path / "run"
