@@ -197,13 +197,19 @@ def test_compiled_model_trains_like_eager_under_ddp_and_fsdp(layout, prepared_di
         assert abs(got[step] - want[step]) <= 1e-3 * abs(want[step]), (step, got[step], want[step])
 
 
+def test_fused_projections_under_fsdp_give_the_single_process_losses(prepared_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    result = launch(2, common_args(prepared_dir, out, 2, "--train.fused_projections=true"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close(losses(out), losses(reference))
+
+
 @pytest.mark.parametrize(
     ("switches", "message"),
     [
-        (["--train.fused_projections=true"], "'train.fused_projections' is not supported with FSDP"),
         (["--train.compile=true", "--train.compile_mode=reduce-overhead"], "records CUDA graphs"),
     ],
-    ids=["fused-projections-fsdp", "cuda-graphs-distributed"],
+    ids=["cuda-graphs-distributed"],
 )
 def test_speed_switch_the_layout_cannot_take_fails_fast(switches, message, prepared_dir, tmp_path):
     result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *switches), tmp_path)

@@ -42,6 +42,38 @@ def test_fused_projections_match_the_separate_matmuls(qk_norm):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fused_projections_under_bf16_autocast_match_the_separate_matmuls():
+    plain, fused = _model(), _model()
+    apply_fused_projections(fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(plain)
+        fused_loss, fused_grads = _loss_and_grads(fused)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-2, atol=1e-2)
+    for name, grad in grads.items():
+        assert fused_grads[name].dtype == torch.float32  # fp32 weights get fp32 gradients
+        relative_error = (fused_grads[name] - grad).norm() / grad.norm()
+        assert relative_error < 2e-2, (name, relative_error.item())
+
+
+def test_fused_projections_keep_the_weights_not_their_concatenation_for_backward():
+    # Under FSDP the weights are the gathered parameters FSDP frees after forward; a concatenation
+    # saved for backward would hold them whole until then.
+    model = _model()
+    apply_fused_projections(model)
+    attention = model.layers["0"].attention
+    stacked_rows = attention.wq.out_features + attention.wk.out_features + attention.wv.out_features
+    saved: list[torch.Size] = []
+
+    def pack(tensor):
+        saved.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        attention.project_qkv(torch.randn(2, 8, model.cfg.dim))
+    assert attention.wq.weight.shape in saved  # the parameters themselves are what is kept
+    assert (stacked_rows, model.cfg.dim) not in saved
+
+
 def test_gpt2_has_nothing_to_fuse_and_tp_refuses_the_switch():
     assert apply_fused_projections(_model("gpt2")) == 0
     with pytest.raises(ConfigError, match="train.fused_projections.*parallel.tp=2"):

@@ -13,19 +13,11 @@ from lmforge.train.float8 import apply_float8, check_float8_device
 from lmforge.train.fused_projections import apply_fused_projections
 
 
-def convert_model(
-    model: nn.Module, train: TrainConfig, tp: int, device: torch.device, dp_shard: int = 1
-) -> None:
+def convert_model(model: nn.Module, train: TrainConfig, tp: int, device: torch.device) -> None:
     """Apply `train.fused_projections` and `train.float8` to `model` (a whole model or a pipeline stage)."""
     for key, enabled in (("fused_projections", train.fused_projections), ("float8", train.float8)):
         if enabled and tp > 1:
             raise ConfigError(f"config key 'train.{key}' is not supported with parallel.tp={tp} yet")
-    if train.fused_projections and dp_shard > 1:
-        # The stacked weight is a new tensor that backward keeps: FSDP could not free the gathered
-        # weights after forward, and every rank would hold them whole until backward.
-        raise ConfigError(
-            f"config key 'train.fused_projections' is not supported with FSDP (parallel.dp_shard={dp_shard}) yet"
-        )
     if train.fused_projections:
         apply_fused_projections(model)
     if train.float8:

@@ -3,14 +3,16 @@ Llama block's q, k and v, and one for its SwiGLU gate and up projections, instea
 
 Why it can pay: the input is read once instead of three (two) times, and one wide GEMM keeps a GPU
 busier than several narrow ones (with GQA, k and v are only n_kv_heads * head_dim wide: 512 columns
-in the 1b flavor against 2048 for q). What it costs: the stacked weight is built by a `torch.cat`
-in each forward (under torch.compile, fused into the cast to the compute dtype that autocast does
-anyway), and its gradient is split back into views in backward.
+in the 1b flavor against 2048 for q). What it costs: the stacked weight is concatenated in forward
+and again in backward (under torch.compile, fused into the cast to the compute dtype).
 
 The parameters stay the separate `wq`/`wk`/`wv` and `w1`/`w3` matrices, so checkpoints, exports,
-optimizer state and FSDP sharding are unchanged by the switch. Tensor parallelism shards those
-matrices by rows, where a concatenation would interleave the shards: the two do not combine.
-GPT-2 blocks already hold one `c_attn` matrix for q, k and v, and their MLP has no gate: nothing to fuse.
+optimizer state and FSDP sharding are unchanged by the switch. Backward keeps those parameters, not
+their concatenation: under FSDP they are the gathered weights that FSDP frees after forward and
+gathers again for backward, and a concatenation kept alive would hold them whole on every rank.
+Tensor parallelism shards the matrices by rows, where a concatenation would interleave the shards:
+the two do not combine. GPT-2 blocks already hold one `c_attn` matrix for q, k and v, and their
+MLP has no gate: nothing to fuse.
 """
 
 from __future__ import annotations
@@ -22,16 +24,44 @@ from torch import Tensor, nn
 from lmforge.models.llama.model import Attention, FeedForward
 
 
+class StackedLinear(torch.autograd.Function):
+    """x @ cat(weights).T as one matmul, in the autocast dtype when autocast is on (as nn.Linear).
+
+    Saves x (cast) and the weights themselves; backward concatenates the weights again. Written
+    here because autograd would otherwise keep the concatenated copy from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *weights: Tensor) -> Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x_cast = x.to(dtype)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x_cast, *weights)
+        with torch.autocast(device, enabled=False):
+            return F.linear(x_cast, torch.cat(weights).to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x_cast, *weights = ctx.saved_tensors
+        grad_out = grad_out.to(x_cast.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ torch.cat(weights).to(x_cast.dtype)).to(ctx.x_dtype)  # (..., in)
+        grad_weight = grad_out.flatten(0, -2).mT @ x_cast.flatten(0, -2)  # (sum of outs, in)
+        grad_weights = grad_weight.split([w.size(0) for w in weights])
+        return grad_x, *(g.to(w.dtype) for g, w in zip(grad_weights, weights, strict=True))
+
+
 class FusedQKVAttention(Attention):
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # (q + 2 kv, dim)
-        qkv = F.linear(x, weight)  # (B, T, q + 2 kv)
+        qkv = StackedLinear.apply(x, self.wq.weight, self.wk.weight, self.wv.weight)  # (B, T, q + 2 kv)
         return qkv.split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
 
 
 class FusedGateUpFeedForward(FeedForward):
     def gated(self, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(
+        gate, up = StackedLinear.apply(x, self.w1.weight, self.w3.weight).chunk(
             2, dim=-1
         )  # (B, T, hidden) x 2
         return F.silu(gate) * up

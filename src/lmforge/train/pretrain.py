@@ -253,7 +253,7 @@ def _check_start(run_dir: Path, cfg: RunConfig, resume: bool | str | Path) -> Pa
 def _build_converted(model_cfg, cfg: RunConfig, dims: ParallelDims, build_on, device: torch.device):
     """build_model on `build_on` (the device or "meta"), then the module swaps of `train`."""
     model = build_model(model_cfg, build_on)
-    convert_model(model, cfg.train, dims.tp, device, dims.dp_shard)
+    convert_model(model, cfg.train, dims.tp, device)
     return model
 
 
