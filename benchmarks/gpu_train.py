@@ -243,10 +243,12 @@ def main() -> None:
             speedrun_result = speedrun(args.out / "speedrun", args.baseline_steps, args.baseline_steps // 2,
                                        args.source, args.vocab_size, args.smoke, s.device)  # fmt: skip
             new_rows = [{"part": "speedrun", **speedrun_result}]
-        elif part in ("host_sync", "fp8_loss"):
-            new_rows = globals()[f"part_{part}"](s, data_dir)
+        elif part == "host_sync":
+            new_rows = part_host_sync(s, data_dir)
+        elif part == "fp8_loss":
+            new_rows = part_fp8_loss(s, data_dir)
         else:
-            new_rows = globals()[f"part_{part}"](s)
+            new_rows = {"gpt2": part_gpt2, "llama1b": part_llama1b, "switches": part_switches}[part](s)
         durations[part] = time.perf_counter() - started
         for row in new_rows:
             print(json.dumps(row), flush=True)

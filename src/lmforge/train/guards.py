@@ -62,7 +62,7 @@ def step_flags(
     A NaN on one rank reaches every rank's gradients through the gradient reduction, but its loss
     stays local, and a signal may reach one rank only: hence the all-reduce (MAX) of both flags.
     Nothing here waits for the device (with NCCL the all-reduce is queued like a kernel); reading
-    the flags on the host is the sync, done every `train.check_every` steps (see `pending_flags`).
+    the flags on the host is the sync, done every `train.check_every` steps (`read_flags` in pretrain.py).
     """
     bad = ~torch.isfinite(loss)
     if check_grad:
