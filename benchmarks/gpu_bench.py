@@ -26,6 +26,7 @@ def bench_hf(batch_size: int, seq_len: int, steps: int, warmup: int, compile: bo
     config = GPT2Config(
         vocab_size=50304, n_positions=seq_len, n_embd=768, n_layer=12, n_head=12,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+        use_cache=False,  # no KV cache built in training forwards: lmforge builds none either
     )  # fmt: skip
     device = torch.device("cuda")
     model = GPT2LMHeadModel(config).to(device)

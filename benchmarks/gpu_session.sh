@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU machine runs there, one device call per line (each under its
-# 10-minute limit), after `bash benchmarks/device_wheels.sh` here; carry `.whl`:
-#   bash benchmarks/gpu_session.sh tests                      # pytest -m gpu
-#   bash benchmarks/gpu_session.sh bench                      # benchmarks/gpu_bench.py (GPT-2 vs HF)
-#   bash benchmarks/gpu_session.sh train --parts gpt2,llama1b,switches
-#   bash benchmarks/gpu_session.sh train --parts host_sync,fp8_loss,speedrun
-# Logs go to $OUT (the device tool brings them back).
+# What a session with a lent GPU machine runs there, one device call per group; each group fits the
+# machine's 10-minute limit on one command (estimates in docs/speed.md). First, here:
+#   bash benchmarks/device_wheels.sh            # jsonargparse, docstring-parser, torchao into .whl/
+# then device calls that carry `.whl`, in this order (the most wanted figures first; make the calls
+# back to back so the machine stays warm and Inductor's cache in /tmp carries over):
+#   bash benchmarks/gpu_session.sh tests                                  # pytest -m gpu      ~3 min
+#   bash benchmarks/gpu_session.sh train --parts gpt2,switches            # points 1, 4        ~7 min
+#   bash benchmarks/gpu_session.sh train --parts llama1b,corpus           # points 2, 3, 5     ~6 min
+#   bash benchmarks/gpu_session.sh train --parts speedrun                 # point 5            ~8 min
+#   bash benchmarks/gpu_session.sh train --parts fp8_loss,host_sync       # points 2, 4        ~7 min
+# About 31 minutes with the machine's start: more than one session's 30 minutes of device time, so
+# the last call will usually need a second session. The corpus is prepared (in the background,
+# while llama 1b's GPU-bound steps run) into /tmp/gpu_train, which the next calls reuse while the
+# machine stays warm; a cold machine prepares it again.
+# Rows come back in $OUT/rows.jsonl as they are measured (with each pretraining run's metrics), so a
+# call cut off at its limit keeps what it measured; `python3 benchmarks/gpu_train.py --table
+# FILE` prints the table of such a file. Logs go to $OUT too.
 set -uo pipefail
 what=${1:?usage: gpu_session.sh tests|bench|train [ARGS]}
 shift
@@ -17,8 +27,11 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/gpu.txt"
 case $what in
-  tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider "$@" 2>&1 | tee "$out/pytest_gpu.log" ;;
-  bench) python3 benchmarks/gpu_bench.py "$@" 2>&1 | tee "$out/gpu_bench.log" ;;
-  train) python3 benchmarks/gpu_train.py --out /tmp/gpu_train "$@" 2>&1 | tee "$out/gpu_train.log" ;;
+  # SIGINT, not SIGTERM, at the limit: pytest then still prints its summary of failures.
+  tests) timeout -s INT 570 python3 -m pytest -q -m gpu tests -p no:cacheprovider "$@" 2>&1 | tee "$out/pytest_gpu.log" ;;
+  bench) timeout 570 python3 benchmarks/gpu_bench.py "$@" 2>&1 | tee "$out/gpu_bench.log" ;;
+  # Configurations not started 8 minutes in are skipped, so the table is still printed in time.
+  train) timeout 580 python3 benchmarks/gpu_train.py --out /tmp/gpu_train --results "$out" --deadline-s 480 "$@" \
+           2>&1 | tee "$out/gpu_train.log" ;;
   *) echo "unknown: $what (tests, bench or train)" >&2; exit 2 ;;
 esac

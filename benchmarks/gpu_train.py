@@ -1,6 +1,8 @@
-"""Every training-speed measurement of issue 5 in one run on one GPU; prints a table last.
+"""Every training-speed measurement of issue 5 on one GPU; prints a table last.
 
     python benchmarks/gpu_train.py [--parts gpt2,llama1b,switches,host_sync,fp8_loss,speedrun]
+                                   [--results DIR] [--deadline-s S]
+    python benchmarks/gpu_train.py --table DIR/rows.jsonl     # the table of an earlier (or killed) run
 
 Parts (each prints its rows as JSON lines as it goes, and its duration):
   gpt2       lmforge gpt2 124m (seq 1024, bf16, compiled blocks) beside Hugging Face transformers'
@@ -13,7 +15,20 @@ Parts (each prints its rows as JSON lines as it goes, and its duration):
              against every logging step (the default with a fused AdamW): tokens/s from metrics.jsonl.
   fp8_loss   `lmforge pretrain` of llama 1b for 200 steps on the speedrun corpus, bf16 then float8:
              tokens/s and the loss after 200 steps (mean of the last 20 steps).
-  speedrun   benchmarks/speedrun.py: the fast recipe's wall time to the baseline's final validation loss.
+  corpus     waits for the corpus of the three parts below (prepared in the background from the
+             start) and reports its size in tokens; a later call on the same machine reuses it.
+  speedrun   benchmarks/speedrun.py: the fast recipe's wall time to the baseline's final validation
+             loss, the baseline sized to --baseline-minutes of training on this GPU.
+
+The corpus of host_sync, fp8_loss and speedrun is prepared in a background process from the start,
+while the GPU parts run. A configuration that fails (out of memory, a compile error, a failed
+pretraining run) becomes a row saying so, and the run goes on; one not started --deadline-s seconds
+after the start becomes a row saying it was skipped. Each row is appended to RESULTS/rows.jsonl as it
+comes, and each pretraining run's metrics.jsonl is copied to RESULTS/, so a run killed at a time limit
+keeps what it measured (`--table` prints it).
+
+The lent GPU machine runs one command for at most 10 minutes, and all parts take about 20 (see
+docs/speed.md), so benchmarks/gpu_session.sh runs them in groups, one command each.
 
 MFU = (6N + attention FLOPs per token) x tokens/s / 989e12 (H100 SXM dense bf16), as `lmforge bench`.
 Record the table in benchmarks/RESULTS.md with the device, date and commit.
@@ -25,8 +40,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,12 +54,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_bench, speedrun: scripts beside this one
 
 from gpu_bench import bench_hf  # noqa: E402
-from speedrun import prepare_corpus, run_recipe, speedrun  # noqa: E402
+from speedrun import baseline_speed, baseline_steps_for, corpus_summary, prepare_command, run_recipe  # noqa: E402
 from speedrun import print_table as print_speedrun  # noqa: E402
+from speedrun import speedrun as race  # noqa: E402
 
 from lmforge.bench import bench  # noqa: E402
 
-PARTS = ("gpt2", "llama1b", "switches", "host_sync", "fp8_loss", "speedrun")
+PARTS = ("gpt2", "llama1b", "switches", "corpus", "host_sync", "fp8_loss", "speedrun")
+CORPUS_PARTS = ("corpus", "host_sync", "fp8_loss", "speedrun")
 
 
 class Settings:
@@ -64,12 +86,11 @@ class Settings:
             else []
         )
 
-    def bench(self, family: str, flavor: str, batch: int, seq: int, **switches) -> dict:
+    def bench(self, family: str, flavor: str, batch: int, seq: int, **switches) -> Callable[[], dict]:
+        """A thunk that runs `lmforge bench` on this configuration (for `Runner.measure`)."""
         switches.setdefault("compile", self.compile)
-        result = bench(family, flavor, batch, seq, self.steps, self.warmup, self.precision,
-                       device=self.device, **switches)  # fmt: skip
-        _free()
-        return result
+        return lambda: bench(family, flavor, batch, seq, self.steps, self.warmup, self.precision,
+                             device=self.device, **switches)  # fmt: skip
 
 
 def _free() -> None:
@@ -77,6 +98,109 @@ def _free() -> None:
     torch.compiler.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line: its first line, and its last (a failed subprocess's own error line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    text = lines[0] if len(lines) == 1 else f"{lines[0][:100]} ... {lines[-1]}"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+class Runner:
+    """Runs configurations one by one and keeps their rows.
+
+    A configuration that raises becomes a row with note "error: ...", and one not started before
+    the deadline a row with note "skipped: ..."; either way the run goes on to the next. Each row is
+    printed as a JSON line and appended to RESULTS/rows.jsonl when it is measured.
+    """
+
+    def __init__(self, results: Path, deadline_s: float | None):
+        self.results = results
+        self.deadline_s = deadline_s
+        self.started = time.perf_counter()
+        self.rows: list[dict] = []
+        results.mkdir(parents=True, exist_ok=True)
+
+    def past_deadline(self) -> bool:
+        return self.deadline_s is not None and time.perf_counter() - self.started > self.deadline_s
+
+    def attempt(self, thunk: Callable[[], dict]) -> tuple[dict, str]:
+        """`thunk()` and "", or {} and why there is no result."""
+        if self.past_deadline():
+            return {}, f"skipped: not started within --deadline-s {self.deadline_s:g}"
+        try:
+            return thunk(), ""
+        except (Exception, SystemExit) as err:  # recorded, and the next configuration runs
+            return {}, f"error: {_one_line(err)}"
+        finally:
+            _free()
+
+    def measure(self, part: str, name: str, thunk: Callable[[], dict], reference: float | None = None,
+                note: str = "") -> dict:  # fmt: skip
+        """Run one configuration, record its row (tokens/s relative to `reference`); its result."""
+        result, failure = self.attempt(thunk)
+        self.add(_row(part, name, result, reference, failure or note))
+        return result
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(self.results / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def keep_metrics(self, run_dir: Path) -> None:
+        """Copy a pretraining run's metrics.jsonl beside the rows (run directories stay in --out)."""
+        if (run_dir / "metrics.jsonl").is_file():
+            shutil.copyfile(run_dir / "metrics.jsonl", self.results / f"{run_dir.name}.metrics.jsonl")
+
+
+class Corpus:
+    """The pretraining parts' corpus: `lmforge data prepare` in a background process, started at once
+    so that it runs while the GPU parts do; `summary()` waits for it. An existing one is reused."""
+
+    def __init__(self, data_dir: Path, source: str, vocab_size: int):
+        self.data_dir = data_dir
+        self.process = None
+        if not (data_dir / "manifest.json").is_file():
+            data_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.log = data_dir.parent / "prepare.log"
+            # Leaves 4 cores to the benchmark process and Inductor's compile workers.
+            workers = max(1, (os.cpu_count() or 2) - 4)
+            command = [
+                sys.executable,
+                "-m",
+                "lmforge",
+                *prepare_command(data_dir, source, vocab_size, workers),
+            ]
+            env = {**os.environ, "RAYON_NUM_THREADS": str(workers)}  # the tokenizer's training threads
+            with open(self.log, "w") as log:
+                self.process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+
+    def summary(self) -> dict:
+        if self.process is not None and self.process.wait() != 0:
+            lines = self.log.read_text().strip().splitlines() or ["(no output)"]
+            raise SystemExit(f"corpus preparation failed (log: {self.log}): {lines[-1]}")
+        return corpus_summary(self.data_dir)
+
+    def stop(self) -> None:
+        """Kill an unfinished preparation with its tokenizer workers (its own process group)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class Terminated(BaseException):
+    """SIGTERM (a time limit's `timeout`): not a configuration's failure; ends the run, table printed."""
+
+
+def _terminate(signum, frame) -> None:
+    # Once: `timeout` signals this process and then its group, and a second Terminated raised while
+    # the first unwinds would skip the clean-up (killing the child run, copying its metrics).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
 
 
 def _row(part: str, name: str, result: dict, reference: float | None = None, note: str = "") -> dict:
@@ -92,39 +216,41 @@ def _row(part: str, name: str, result: dict, reference: float | None = None, not
     }
 
 
-def part_gpt2(s: Settings) -> list[dict]:
-    ours = s.bench("gpt2", s.small, s.batch_small, s.seq_small)
-    rows = [_row("gpt2", f"lmforge gpt2-{s.small} {s.precision} {s.compiled}", ours)]
+def part_gpt2(s: Settings, run: Runner) -> None:
+    ours = run.measure("gpt2", f"lmforge gpt2-{s.small} {s.precision} {s.compiled}", s.bench("gpt2", s.small, s.batch_small, s.seq_small))  # fmt: skip
     if s.smoke:
-        return rows  # bench_hf needs CUDA
+        return  # bench_hf needs CUDA
     for compile in (False, True):
-        hf = bench_hf(s.batch_small, s.seq_small, s.steps, s.warmup, compile)
-        _free()
-        rows.append(_row("gpt2", hf["name"], hf, note="ratio: lmforge / this"))
-        rows[-1]["ratio"] = ours["tokens_per_sec"] / hf["tokens_per_sec"]
-    return rows
+        hf = run.attempt(
+            lambda compile=compile: bench_hf(s.batch_small, s.seq_small, s.steps, s.warmup, compile)
+        )
+        name = hf[0].get("name", f"HF GPT2LMHeadModel sdpa bf16{' compile' if compile else ''}")
+        row = _row("gpt2", name, hf[0], note=hf[1] or "ratio: lmforge / this")
+        if ours.get("tokens_per_sec") and hf[0]:
+            row["ratio"] = ours["tokens_per_sec"] / hf[0]["tokens_per_sec"]
+        run.add(row)
 
 
-def part_llama1b(s: Settings) -> list[dict]:
-    rows, reference = [], None
+def part_llama1b(s: Settings, run: Runner) -> None:
+    reference = None  # AC none's tokens/s; if it failed, the other rows have no ratio
     for ac in ("none", "selective", "full"):
-        result = s.bench("llama", s.big, s.batch_big, s.seq_big, activation_checkpointing=ac)
-        reference = reference or result["tokens_per_sec"]
-        rows.append(_row("llama1b", f"llama-{s.big} {s.precision} AC {ac}", result, reference))
-    float8_ok = not s.smoke and torch.cuda.get_device_capability() >= (8, 9)
-    if float8_ok:
-        result = s.bench("llama", s.big, s.batch_big, s.seq_big, float8=True)
-        rows.append(_row("llama1b", f"llama-{s.big} float8 AC none", result, reference))
+        result = run.measure("llama1b", f"llama-{s.big} {s.precision} AC {ac}",
+                             s.bench("llama", s.big, s.batch_big, s.seq_big, activation_checkpointing=ac), reference)  # fmt: skip
+        reference = result.get("tokens_per_sec") if ac == "none" else reference
+    if not s.smoke and torch.cuda.get_device_capability() >= (8, 9):
+        run.measure("llama1b", f"llama-{s.big} float8 AC none",
+                    s.bench("llama", s.big, s.batch_big, s.seq_big, float8=True), reference)  # fmt: skip
     else:
-        rows.append(
+        run.add(
             _row("llama1b", f"llama-{s.big} float8", {}, note="skipped: needs a GPU of capability >= 8.9")
         )
-    return rows
 
 
-def part_switches(s: Settings) -> list[dict]:
-    base = s.bench("llama", s.small, s.batch_small, s.seq_small)
-    rows = [_row("switches", f"{s.compiled} (reference)", base, base["tokens_per_sec"])]
+def part_switches(s: Settings, run: Runner) -> None:
+    base = run.measure(
+        "switches", f"{s.compiled} (reference)", s.bench("llama", s.small, s.batch_small, s.seq_small)
+    )
+    reference = base.get("tokens_per_sec")
     variants = {
         "eager (no compile)": {"compile": False},
         "compile whole model": {"compile_scope": "model"},
@@ -135,9 +261,9 @@ def part_switches(s: Settings) -> list[dict]:
     for name, switches in variants.items():
         if s.smoke and "compile_mode" in switches:
             continue  # CUDA graphs need CUDA
-        rows.append(_row("switches", name, s.bench("llama", s.small, s.batch_small, s.seq_small, **switches),
-                         base["tokens_per_sec"]))  # fmt: skip
-    return rows
+        run.measure(
+            "switches", name, s.bench("llama", s.small, s.batch_small, s.seq_small, **switches), reference
+        )
 
 
 def _pretrain_throughput(records: list[dict], skip: int) -> float:
@@ -146,64 +272,128 @@ def _pretrain_throughput(records: list[dict], skip: int) -> float:
     return sum(values) / len(values)
 
 
-def part_host_sync(s: Settings, data_dir: str) -> list[dict]:
-    rows, reference = [], None
+def _pretrain(s: Settings, run: Runner, recipe: str, name: str, data_dir: str, *overrides: str) -> list[dict]:
+    """`run_recipe` into OUT/name, its metrics.jsonl kept beside the rows; its records."""
+    try:
+        return run_recipe(recipe, s.out / name, data_dir, *s.pretrain_extra, *overrides)
+    finally:
+        run.keep_metrics(s.out / name)
+
+
+def part_corpus(s: Settings, run: Runner, corpus: Corpus) -> None:
+    def measure() -> dict:
+        summary = corpus.summary()
+        tokens = summary["tokens"]
+        documents = sum(summary["documents"].values())
+        return {"note": f"{summary['source']}: {documents:,} documents, {tokens['train']:,} train "
+                        f"+ {tokens['val']:,} validation tokens at vocab {summary['vocab_size']}"}  # fmt: skip
+
+    result, failure = run.attempt(measure)
+    run.add(_row("corpus", "speedrun corpus", {}, note=failure or result["note"]))
+
+
+def part_host_sync(s: Settings, run: Runner, corpus: Corpus) -> None:
+    reference = None
     steps = 20 if s.smoke else 120
     for check_every in (1, 10):
-        records = run_recipe(
-            "speedrun-baseline", s.out / f"host_sync_{check_every}", data_dir, *s.pretrain_extra,
-            f"--train.max_steps={steps}", "--train.eval_every=0", "--logging.log_every=10",
-            f"--train.check_every={check_every}", "--optim.fused=true", "--train.global_batch_tokens=null",
-        )  # fmt: skip
-        result = {"tokens_per_sec": _pretrain_throughput(records, skip=steps // 3)}
-        reference = reference or result["tokens_per_sec"]
-        rows.append(_row("host_sync", f"pretrain gpt2 check_every={check_every}", result, reference))
-    return rows
+
+        def measure(check_every=check_every) -> dict:
+            records = _pretrain(
+                s, run, "speedrun-baseline", f"host_sync_{check_every}", corpus.summary()["dir"],
+                f"--train.max_steps={steps}", "--train.eval_every=0", "--train.eval_batches=1",
+                "--logging.log_every=10", f"--train.check_every={check_every}", "--optim.fused=true",
+                "--train.global_batch_tokens=null", "--checkpoint.enabled=false",
+            )  # fmt: skip
+            return {"tokens_per_sec": _pretrain_throughput(records, skip=steps // 3)}
+
+        result = run.measure("host_sync", f"pretrain gpt2 check_every={check_every}", measure, reference)
+        reference = result.get("tokens_per_sec") if check_every == 1 else reference
 
 
-def part_fp8_loss(s: Settings, data_dir: str) -> list[dict]:
+def part_fp8_loss(s: Settings, run: Runner, corpus: Corpus) -> None:
     if not s.smoke and torch.cuda.get_device_capability() < (8, 9):
-        return [
+        run.add(
             _row("fp8_loss", "float8 loss tracking", {}, note="skipped: needs a GPU of capability >= 8.9")
-        ]
-    rows, reference, reference_loss = [], None, None
+        )
+        return
+    reference, reference_loss = None, None
     for float8 in (False,) if s.smoke else (False, True):  # float8 refuses a CPU
-        records = run_recipe(
-            "llama-1b", s.out / f"fp8_loss_{float8}", data_dir, *s.pretrain_extra,
-            f"--train.max_steps={s.fp8_steps}", "--train.eval_every=0", "--logging.log_every=1",
-            "--schedule.warmup_steps=20", f"--train.micro_batch_size={s.batch_big}", "--train.global_batch_tokens=null",
-            "--checkpoint.every_steps=0", *(["--train.float8=true"] if float8 else []),
-        )  # fmt: skip
-        losses = [r["loss"] for r in records if "loss" in r]
-        final_loss = sum(losses[-20:]) / len(losses[-20:])
-        result = {"tokens_per_sec": _pretrain_throughput(records, skip=s.fp8_steps // 10)}
-        reference = reference or result["tokens_per_sec"]
-        reference_loss = reference_loss or final_loss
-        note = (
-            f"loss@{len(losses)} {final_loss:.4f} ({100 * (final_loss / reference_loss - 1):+.2f}% vs bf16)"
-        )
-        rows.append(
-            _row(
-                "fp8_loss",
-                f"pretrain llama-{s.big} {'float8' if float8 else 'bf16'}",
-                result,
-                reference,
-                note,
-            )
-        )
-    return rows
+        losses: list[float] = []
+
+        def measure(float8=float8, losses=losses) -> dict:
+            records = _pretrain(
+                s, run, "llama-1b", f"fp8_loss_{'float8' if float8 else 'bf16'}", corpus.summary()["dir"],
+                f"--train.max_steps={s.fp8_steps}", "--train.eval_every=0", "--train.eval_batches=1",
+                "--train.sample_tokens=0", "--logging.log_every=1", "--schedule.warmup_steps=20",
+                f"--train.micro_batch_size={s.batch_big}", "--train.global_batch_tokens=null",
+                "--checkpoint.enabled=false", *(["--train.float8=true"] if float8 else []),
+            )  # fmt: skip
+            losses.extend(r["loss"] for r in records if "loss" in r)
+            return {"tokens_per_sec": _pretrain_throughput(records, skip=s.fp8_steps // 10)}
+
+        name = f"pretrain llama-{s.big} {'float8' if float8 else 'bf16'}"
+        result, failure = run.attempt(measure)
+        notes = [failure] if failure else []
+        if losses:
+            final_loss = sum(losses[-20:]) / len(losses[-20:])
+            if not float8:  # the bf16 run is the reference; if it failed, float8 has nothing to track
+                reference_loss = final_loss
+            versus = f" ({100 * (final_loss / reference_loss - 1):+.2f}% vs bf16)" if reference_loss else ""
+            notes.insert(0, f"loss@{len(losses)} {final_loss:.4f}{versus}")
+        run.add(_row("fp8_loss", name, result, reference, "; ".join(notes)))
+        reference = result.get("tokens_per_sec") if not float8 else reference
+
+
+def part_speedrun(
+    s: Settings, run: Runner, corpus: Corpus, baseline_steps: int | None, minutes: float
+) -> dict:
+    """The race; its result (or {"error": ...}) as the row of part speedrun."""
+
+    def measure() -> dict:
+        for name in (
+            "baseline",
+            "fast",
+        ):  # an earlier run's, which keep_metrics must not pass off as this one's
+            shutil.rmtree(s.out / "speedrun" / name, ignore_errors=True)
+        summary = corpus.summary()
+        # Measured at the corpus's vocabulary, not the gpt2 part's; the blocks' compiled graphs are
+        # the gpt2 part's, from Inductor's cache.
+        steps = baseline_steps or baseline_steps_for(minutes, baseline_speed(s.device, summary["vocab_size"]))
+        try:
+            return race(s.out / "speedrun", summary, steps, steps // 2, s.smoke, s.device)
+        finally:
+            for name in ("baseline", "fast"):
+                run.keep_metrics(s.out / "speedrun" / name)
+
+    result, failure = run.attempt(measure)
+    row = {"part": "speedrun", **result} if result else {"part": "speedrun", "note": failure}
+    run.add(row)
+    return row
+
+
+def _run_row(parts: list[str]) -> dict:
+    """The first row of a run: where and when it was measured (--table prints it from the file)."""
+    return {
+        "part": "run",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "parts": parts,
+    }
 
 
 def print_table(rows: list[dict], durations: dict[str, float]) -> None:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(
-        f"\n{device}  torch {torch.__version__}  parts: "
-        + ", ".join(f"{p} {t:.0f}s" for p, t in durations.items())
-    )
+    runs = [row for row in rows if row["part"] == "run"] or [_run_row([])]
+    header = f"\n{runs[0]['device']}  torch {runs[0]['torch']}  started {runs[0]['started']}"
+    print(header + "  parts: " + ", ".join(f"{p} {t:.0f}s" for p, t in durations.items()))
     print(
         f"{'part':<10} {'configuration':<44} {'tokens/s':>11} {'MFU':>6} {'peak GiB':>9} {'ratio':>6}  note"
     )
     for row in rows:
+        if row["part"] == "run" and row is not runs[0]:  # several runs appended to one rows.jsonl
+            print(f"-- run started {row['started']} on {row['device']}, torch {row['torch']}")
+        if row["part"] in ("run", "speedrun"):
+            continue
         tokens = f"{row['tokens_per_sec']:,.0f}" if row["tokens_per_sec"] else "-"
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "-"
         memory = f"{row['peak_mem_gib']:.1f}" if row["peak_mem_gib"] else "-"
@@ -211,51 +401,67 @@ def print_table(rows: list[dict], durations: dict[str, float]) -> None:
         print(
             f"{row['part']:<10} {row['name']:<44} {tokens:>11} {mfu:>6} {memory:>9} {ratio:>6}  {row['note']}"
         )
+    for row in rows:
+        if row["part"] == "speedrun":
+            print_speedrun(row) if "target_val_loss" in row else print(f"\nspeedrun: {row['note']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per `lmforge bench` configuration")
-    parser.add_argument("--out", type=Path, default=Path("runs/gpu_train"))
-    parser.add_argument("--baseline-steps", type=int, default=1200, help="speedrun baseline length")
+    parser.add_argument("--out", type=Path, default=Path("runs/gpu_train"), help="run directories, corpus")
+    parser.add_argument("--results", type=Path, help="rows.jsonl and metrics files (default: --out)")
+    parser.add_argument("--deadline-s", type=float, help="start no configuration after this many seconds")
+    parser.add_argument(
+        "--baseline-minutes", type=float, default=4.0, help="speedrun baseline's training time"
+    )
+    parser.add_argument("--baseline-steps", type=int, help="speedrun baseline's length (instead of minutes)")
     parser.add_argument("--source", default="python", help="corpus of the pretrain parts")
     parser.add_argument("--vocab-size", type=int, default=16384)
     parser.add_argument("--smoke", action="store_true", help="CPU, debug-sized models: checks the script")
+    parser.add_argument("--table", type=Path, help="print the table of a rows.jsonl and exit")
     args = parser.parse_args()
+    if args.table is not None:
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+        print_table(rows, {})
+        return
     parts = args.parts.split(",")
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SystemExit(f"unknown part(s) {unknown}; parts are {', '.join(PARTS)}")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_train.py needs a CUDA GPU (or --smoke)")
+    if args.smoke and "speedrun" in parts and args.baseline_steps is None:
+        raise SystemExit("--smoke needs --baseline-steps")
     s = Settings(args.smoke, args.steps, args.out, args.vocab_size)
-
-    rows: list[dict] = []
+    run = Runner(args.results or args.out, args.deadline_s)
+    run.add(_run_row(parts))
+    corpus = (
+        Corpus(args.out / "speedrun" / "data", args.source, args.vocab_size)
+        if set(parts) & set(CORPUS_PARTS)
+        else None
+    )
     durations: dict[str, float] = {}
-    speedrun_result = None
-    data_dir = None
-    for part in parts:
-        started = time.perf_counter()
-        if part in ("host_sync", "fp8_loss") and data_dir is None:
-            data_dir = prepare_corpus(args.out / "speedrun", args.source, args.vocab_size)["dir"]
-        if part == "speedrun":
-            speedrun_result = speedrun(args.out / "speedrun", args.baseline_steps, args.baseline_steps // 2,
-                                       args.source, args.vocab_size, args.smoke, s.device)  # fmt: skip
-            new_rows = [{"part": "speedrun", **speedrun_result}]
-        elif part == "host_sync":
-            new_rows = part_host_sync(s, data_dir)
-        elif part == "fp8_loss":
-            new_rows = part_fp8_loss(s, data_dir)
-        else:
-            new_rows = {"gpt2": part_gpt2, "llama1b": part_llama1b, "switches": part_switches}[part](s)
-        durations[part] = time.perf_counter() - started
-        for row in new_rows:
-            print(json.dumps(row), flush=True)
-        rows += [r for r in new_rows if r["part"] != "speedrun"]
-    print_table(rows, durations)
-    if speedrun_result is not None:
-        print_speedrun(speedrun_result)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for part in parts:
+            started = time.perf_counter()
+            if part == "speedrun":
+                part_speedrun(s, run, corpus, args.baseline_steps, args.baseline_minutes)
+            elif part in CORPUS_PARTS:
+                {"corpus": part_corpus, "host_sync": part_host_sync, "fp8_loss": part_fp8_loss}[part](
+                    s, run, corpus
+                )
+            else:
+                {"gpt2": part_gpt2, "llama1b": part_llama1b, "switches": part_switches}[part](s, run)
+            durations[part] = time.perf_counter() - started
+    except Terminated:
+        print(f"terminated (SIGTERM) during part {part}; the rows measured so far:", flush=True)
+    finally:
+        if corpus is not None:
+            corpus.stop()
+    print_table(run.rows, durations)
 
 
 if __name__ == "__main__":

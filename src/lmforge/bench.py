@@ -51,6 +51,7 @@ def bench(
     float8: bool = False,
     optimizer: Literal["adamw", "muon"] = "adamw",
     profile: str | None = None,
+    vocab_size: int | None = None,
 ) -> dict:
     """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms.
 
@@ -73,13 +74,15 @@ def bench(
         float8: torchao float8 training of the block's linear layers (GPU of compute capability >= 8.9).
         optimizer: adamw (fused on CUDA) or muon.
         profile: After timing, profile 3 more steps with torch.profiler: write a Chrome/Perfetto trace to this path and print the 15 ops with the most self time to stderr.
+        vocab_size: The model's vocabulary (default: the flavor's).
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     configure_backends(dev)
     torch.manual_seed(seed)
     try:
-        model_cfg = model_config(family, flavor, max_seq_len=seq_len)
+        overrides = {"vocab_size": vocab_size} if vocab_size is not None else {}
+        model_cfg = model_config(family, flavor, max_seq_len=seq_len, **overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     model = build_model(model_cfg, dev)
@@ -126,6 +129,7 @@ def bench(
         "family": family,
         "flavor": flavor,
         "params": model.num_params(),
+        "vocab_size": vocab,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dtype": str(dtype).removeprefix("torch."),
@@ -156,5 +160,5 @@ def _profile(step, dev: torch.device, trace: Path, steps: int = 3) -> None:
         synchronize(dev)
     trace.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(trace))
-    sort_by = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=15), file=sys.stderr)

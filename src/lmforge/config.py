@@ -48,7 +48,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "> 0", self.vocab_size)
-        _require(not self.qk_norm or self.family == "llama", "model.qk_norm", "false for family gpt2", self.qk_norm)
+        _require(
+            not self.qk_norm or self.family == "llama", "model.qk_norm", "false for family gpt2", self.qk_norm
+        )
 
 
 @dataclass
@@ -186,7 +188,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool | None = None
     compile_scope: Literal["blocks", "model"] = "blocks"
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
     fused_projections: bool = False
     float8: bool = False
     check_every: int | None = None
@@ -221,7 +225,9 @@ class TrainConfig:
             0 < self.rollback_lr_factor <= 1, "train.rollback_lr_factor", "in (0, 1]", self.rollback_lr_factor
         )
         _require(self.max_rollbacks >= 0, "train.max_rollbacks", ">= 0", self.max_rollbacks)
-        _require(self.check_every is None or self.check_every > 0, "train.check_every", "> 0", self.check_every)
+        _require(
+            self.check_every is None or self.check_every > 0, "train.check_every", "> 0", self.check_every
+        )
         _require(not (self.float8 and self.fused_projections), "train.float8",
                  "false with train.fused_projections (the fused matmuls bypass the float8 layers)", self.float8)  # fmt: skip
         _require(self.target_val_loss is None or self.target_val_loss > 0, "train.target_val_loss", "> 0",
@@ -235,10 +241,13 @@ class CheckpointConfig:
     Args:
         every_steps: Write a checkpoint every N steps (and always at the end); 0: only at the end.
         keep_last: Keep this many most recent checkpoints.
+        enabled: False: write none at all, not even at the end or on SIGTERM (benchmark runs); such
+            a run cannot be resumed, and non-finite steps cannot be rolled back.
     """
 
     every_steps: int = 500
     keep_last: int = 3
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", ">= 0", self.every_steps)

@@ -57,7 +57,9 @@ def _batches(vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     start = torch.randint(0, vocab_size, (N_STEPS, BATCH, 1), generator=generator)
     stride = torch.randint(1, 4, (N_STEPS, BATCH, 1), generator=generator)
     tokens = (start + stride * torch.arange(SEQ_LEN + 1)) % vocab_size
-    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+    return [
+        (t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens
+    ]  # torch 2.11's stages check strides
 
 
 def _optimizer(params) -> torch.optim.Optimizer:
@@ -216,6 +218,7 @@ def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
         for family, schedule_name in CASES:
             result = _train_pipeline(family, schedule_name, pp_mesh)
             torch.save(result, Path(out_dir) / f"{family}_{schedule_name}_rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
 

@@ -135,6 +135,7 @@ def _worker(rank: int, world_size: int, rendezvous: str, cases: list, out_dir: s
         except ValueError as err:
             results["odd_seq_len"] = str(err)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
 

@@ -181,7 +181,7 @@ def _train_step(case: Case, model, step_module, optimizer, pipeline, batch, reco
     with recorder:
         if pipeline is not None:
             stages, parts, schedule, pp_mesh = pipeline
-            inputs, targets = batch[:, :-1], batch[:, 1:]
+            inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # stages check strides
             losses: list[torch.Tensor] = []
             has_first, has_last = any(s.is_first for s in stages), any(s.is_last for s in stages)
             with autocast(device, dtype):
@@ -277,6 +277,7 @@ def _worker(rank: int, world_size: int, rendezvous: str, cases: dict[str, Case],
     try:
         results = {name: _run_case(case) for name, case in cases.items()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
 

@@ -20,7 +20,9 @@ def test_deferred_reads_skip_the_same_steps_as_reading_every_step(prepared_dir, 
     runs = {}
     for check_every in (1, 4):
         out = tmp_path / f"check_{check_every}"
-        args = pretrain_args(prepared_dir, out, *FUSED, f"--train.check_every={check_every}", steps=12, every=4)
+        args = pretrain_args(
+            prepared_dir, out, *FUSED, f"--train.check_every={check_every}", steps=12, every=4
+        )
         result = run(args, tmp_path, fault="train.loss:nan@step=6-7")
         assert result.returncode == 0, result.stderr[-3000:]
         runs[check_every] = out
@@ -29,7 +31,10 @@ def test_deferred_reads_skip_the_same_steps_as_reading_every_step(prepared_dir, 
     # Same updates, bit for bit: the device-side skip left the state as the host-side one did.
     assert losses(runs[4]) == losses(runs[1]) and sorted(losses(runs[4])) == [4, 8, 12]
     for step in (8, 12):
-        old, new = tensors(checkpoint_dir(runs[1], step) / "model"), tensors(checkpoint_dir(runs[4], step) / "model")
+        old, new = (
+            tensors(checkpoint_dir(runs[1], step) / "model"),
+            tensors(checkpoint_dir(runs[4], step) / "model"),
+        )
         assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     state = json.loads((checkpoint_dir(runs[4], 12) / "trainer_state.json").read_text())
     assert state["guard"]["nonfinite_steps"] == 2

@@ -117,3 +117,14 @@ def test_metrics_are_json_lines(debug_config, tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == [2, 3, 3]  # logged steps 2 and 3 (the last), then the final evaluation
+
+
+def test_checkpoints_disabled_writes_none_and_cannot_be_resumed(debug_config, tmp_path):
+    cfg = debug_config(
+        train={"max_steps": 4, "eval_every": 0}, checkpoint={"every_steps": 2, "enabled": False}
+    )
+    result = pretrain(cfg, tmp_path / "run")
+    assert result["step"] == 4 and (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert list_checkpoints(tmp_path / "run") == []
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        pretrain(cfg, tmp_path / "run", resume=True)

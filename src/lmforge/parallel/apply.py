@@ -28,7 +28,9 @@ def validate_layout(
 ) -> None:
     """Fail before any work on a layout the model cannot take (one line naming the problem)."""
     if dims.tp > 1 and getattr(model_cfg, "qk_norm", False):
-        raise ConfigError(f"parallel.tp={dims.tp}: model.qk_norm is not supported with tensor parallelism yet")
+        raise ConfigError(
+            f"parallel.tp={dims.tp}: model.qk_norm is not supported with tensor parallelism yet"
+        )
     if dims.tp > 1:
         from lmforge.parallel.tensor import validate_tp
 

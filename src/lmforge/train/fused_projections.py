@@ -25,14 +25,17 @@ from lmforge.models.llama.model import Attention, FeedForward
 
 
 class StackedLinear(torch.autograd.Function):
-    """x @ cat(weights).T as one matmul, in the autocast dtype when autocast is on (as nn.Linear).
+    """x @ cat(w0, w1[, w2]).T as one matmul, in the autocast dtype when autocast is on (as nn.Linear).
 
     Saves x (cast) and the weights themselves; backward concatenates the weights again. Written
     here because autograd would otherwise keep the concatenated copy from forward to backward.
+    The weights are named arguments, not *weights: Dynamo in torch 2.11 fails to trace a variadic
+    forward under no_grad (evaluation) once it has traced it with grad (tests/train/test_speed_switches).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, *weights: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w0: Tensor, w1: Tensor, w2: Tensor | None = None) -> Tensor:
+        weights = (w0, w1) if w2 is None else (w0, w1, w2)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x_cast = x.to(dtype)
@@ -49,8 +52,11 @@ class StackedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ torch.cat(weights).to(x_cast.dtype)).to(ctx.x_dtype)  # (..., in)
         grad_weight = grad_out.flatten(0, -2).mT @ x_cast.flatten(0, -2)  # (sum of outs, in)
-        grad_weights = grad_weight.split([w.size(0) for w in weights])
-        return grad_x, *(g.to(w.dtype) for g, w in zip(grad_weights, weights, strict=True))
+        grad_weights = [
+            g.to(w.dtype)
+            for g, w in zip(grad_weight.split([w.size(0) for w in weights]), weights, strict=True)
+        ]
+        return grad_x, *grad_weights, *([None] if len(weights) == 2 else [])
 
 
 class FusedQKVAttention(Attention):

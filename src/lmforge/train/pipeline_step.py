@@ -52,6 +52,9 @@ class PipelineStep:
 
     def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses: list[torch.Tensor] = []
+        # Stages check their inputs' strides against the first micro-batch's (torch 2.11 does):
+        # a view such as window[:, :-1] would fail that check.
+        inputs, targets = inputs.contiguous(), targets.contiguous()
         run(*([inputs] if self.has_first else []), target=targets if self.has_last else None,
             losses=losses if self.has_last else None)  # fmt: skip
         return pipeline_loss(self.stages, losses, self.pp_mesh)  # the same value on every pp rank

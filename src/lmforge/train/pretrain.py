@@ -450,6 +450,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         return record
 
     def checkpoint(at_step: int) -> None:
+        if not cfg.checkpoint.enabled:
+            return
         trainer_state = {
             "loader": loader.state_dict(),
             "guard": guard.state_dict(),
@@ -586,7 +588,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
             checkpoint(step)
         if stop and step != max_steps:  # preempted: the checkpoint is written, exit cleanly
             log.print(f"{stop_signal.requested or 'another rank'}: checkpoint written at step {step}, stopping; "
-                      f"continue with --resume")  # fmt: skip
+                      f"continue with --resume" if cfg.checkpoint.enabled else
+                      f"{stop_signal.requested or 'another rank'}: stopping at step {step} "
+                      f"(checkpoint.enabled=false: nothing to resume from)")  # fmt: skip
             log.close()
             batch_log.close()
             loader.close()
