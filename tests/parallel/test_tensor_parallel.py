@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lmforge.models import build_model, model_config
-from lmforge.parallel.tensor import apply_tensor_parallel, validate_tp
+from lmforge.parallel.tensor import apply_tensor_parallel, reduce_partial_grads, validate_tp
 
 STEPS, BATCH, SEQ_LEN = 10, 2, 16  # SEQ_LEN divisible by tp (sequence parallelism splits it)
 LR, EPS, MAX_NORM = 1e-3, 1e-6, 0.5  # MAX_NORM below the debug models' grad norms: clipping acts
@@ -95,6 +95,7 @@ def _train_case(family: str, overrides: dict, sequence_parallel: bool, mesh) -> 
         for name, net, opt in (("ref", reference, opt_ref), ("tp", model, opt_tp)):
             loss = _loss(net, idx)
             loss.backward()
+            reduce_partial_grads(net.parameters())  # as pretrain does: the SP norms' gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), MAX_NORM)
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()

@@ -175,6 +175,7 @@ def _train_step(case: Case, model, step_module, optimizer, pipeline, batch, reco
     """One optimizer step as lmforge's pretrain takes it (pipeline: PipelineStep.train_step)."""
     from lmforge.parallel.apply import gradient_sync
     from lmforge.parallel.pipeline import clip_grad_norm_, pipeline_loss, sync_tied_embedding_grads
+    from lmforge.parallel.tensor import reduce_partial_grads
     from lmforge.runtime import autocast
 
     device, dtype = torch.device("cpu"), torch.bfloat16 if case.bf16 else torch.float32
@@ -199,6 +200,7 @@ def _train_step(case: Case, model, step_module, optimizer, pipeline, batch, reco
                         F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()) / case.grad_accum
                     )
                     loss.backward()
+            reduce_partial_grads(model.parameters())  # as pretrain does: the SP norms' gradients
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizer:
             opt.step()

@@ -243,6 +243,23 @@ def _retie(model: nn.Module, embedding_name: str, head_name: str, tied: bool) ->
     head.weight = embedding.weight
 
 
+def reduce_partial_grads(params) -> None:
+    """Reduce every Partial gradient to Replicate, once, in place of the gradient.
+
+    Under sequence parallelism without FSDP, a norm's weight is replicated but meets a sequence
+    shard, so its gradient is Partial(sum). Left Partial, each use redistributes it again (the
+    gradient norm once, foreach AdamW three times: 4 all-reduces a step on torch 2.13, 6 on 2.11),
+    and torch 2.11's clip_grad_norm_ scales it wrongly: after 3 clipped AdamW steps the debug
+    llama's norm weights were 2.3e-4 off one process's, against 6e-8 once reduced here first.
+    Call after the last backward of a step, before clipping; a no-op for other gradients.
+    """
+    for param in params:
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
+            placements = [Replicate() if pl.is_partial() else pl for pl in grad.placements]
+            param.grad = grad.redistribute(placements=placements)
+
+
 def _require_seq_len_divisible_by(tp: int):
     """A forward pre-hook: sequence parallelism splits T evenly across the tp ranks."""
 

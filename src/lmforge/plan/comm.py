@@ -60,11 +60,11 @@ DDP_BUCKET_BYTES = 25 * 1024 * 1024
 DDP_BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
 
 # Tensor parallel with sequence parallelism and no FSDP: a norm weight is replicated but computed
-# on a sequence shard, so its gradient is a Partial DTensor that nothing reduces once and for all;
-# each use redistributes it again: once for the gradient norm, three times in foreach AdamW
-# (measured with torch 2.13 on CPU; the fused CUDA AdamW was not measured). Under FSDP, FSDP
-# redistributes it once in backward.
-SP_NORM_GRAD_REDUCTIONS_WITHOUT_FSDP = 4
+# on a sequence shard, so its gradient is a Partial DTensor; the trainer reduces it once a step,
+# before clipping (lmforge.parallel.tensor.reduce_partial_grads). Left Partial, every use would
+# redistribute it again (4 times a step on torch 2.13). Under FSDP, FSDP redistributes it once in
+# backward.
+SP_NORM_GRAD_REDUCTIONS_WITHOUT_FSDP = 1
 
 
 @dataclass(frozen=True)

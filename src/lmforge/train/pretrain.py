@@ -38,6 +38,7 @@ from lmforge.parallel.mesh import (
     resolve_dims,
     world_size_from_env,
 )
+from lmforge.parallel.tensor import reduce_partial_grads
 from lmforge.runtime import (
     autocast,
     configure_backends,
@@ -521,6 +522,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
                         loss = loss * float("nan")
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
+            if dims.tp > 1:
+                reduce_partial_grads(model.parameters())  # sequence-parallel norms' gradients
             scaler.unscale_(optimizers[0])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if fault("train.loss_value", step + 1):
