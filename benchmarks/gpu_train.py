@@ -1,6 +1,6 @@
-"""Every training-speed measurement of issue 5 on one GPU; prints a table last.
+"""Every training-speed measurement of issues 3 and 5 on one GPU; prints a table last.
 
-    python benchmarks/gpu_train.py [--parts gpt2,llama1b,switches,host_sync,fp8_loss,speedrun]
+    python benchmarks/gpu_train.py [--parts gpt2,llama1b,switches,scale,host_sync,fp8_loss,speedrun]
                                    [--results DIR] [--deadline-s S]
     python benchmarks/gpu_train.py --table DIR/rows.jsonl     # the table of an earlier (or killed) run
 
@@ -11,6 +11,12 @@ Parts (each prints its rows as JSON lines as it goes, and its duration):
              selective / full (tokens/s and peak memory), and float8 (torchao) without it.
   switches   llama 124m flavor, 16 x 1024: each speed switch against compiled blocks (the default):
              eager, one whole-model graph, CUDA graphs, fused projections, the unfused loss.
+  scale      llama 1b flavor, 8 x 2048, bf16 (issue 3, point 6): what FSDP2 and the pipeline schedules
+             cost on one GPU, wrapped as pretraining wraps them but on a process group of one
+             (`lmforge bench --layout`). FSDP2 (eager, without resharding, compiled) against the plain
+             model; GPipe, 1F1B and interleaved 1F1B over 4 micro-batches against plain gradient
+             accumulation over the same 4 (unfused loss, eager: pipeline stages are not compiled).
+             Each row's note gives its last loss: the same weights and tokens in every configuration.
   host_sync  `lmforge pretrain` of gpt2 124m reading the step flags every step (train.check_every=1)
              against every logging step (the default with a fused AdamW): tokens/s from metrics.jsonl.
   fp8_loss   `lmforge pretrain` of llama 1b for 200 steps on the speedrun corpus, bf16 then float8:
@@ -60,7 +66,7 @@ from speedrun import speedrun as race  # noqa: E402
 
 from lmforge.bench import bench  # noqa: E402
 
-PARTS = ("gpt2", "llama1b", "switches", "corpus", "host_sync", "fp8_loss", "speedrun")
+PARTS = ("gpt2", "llama1b", "switches", "scale", "corpus", "host_sync", "fp8_loss", "speedrun")
 CORPUS_PARTS = ("corpus", "host_sync", "fp8_loss", "speedrun")
 
 
@@ -266,6 +272,29 @@ def part_switches(s: Settings, run: Runner) -> None:
         )
 
 
+def part_scale(s: Settings, run: Runner) -> None:
+    shape = ("llama", s.big, s.batch_big, s.seq_big)
+
+    def measure(name: str, reference: float | None, **switches) -> float | None:
+        result, failure = run.attempt(s.bench(*shape, **switches))
+        run.add(_row("scale", name, result, reference, failure or f"loss {result['loss']:.4f}"))
+        return result.get("tokens_per_sec")
+
+    eager = measure(f"llama-{s.big} plain, eager (reference)", None, compile=False)
+    measure("FSDP2 on 1 GPU, eager", eager, layout="fsdp", compile=False)
+    measure("FSDP2, no reshard after forward, eager", eager, layout="fsdp", compile=False,
+            fsdp_reshard_after_forward=False)  # fmt: skip
+    if s.compile:
+        compiled = measure(f"plain, {s.compiled} (reference)", None)
+        measure(f"FSDP2 on 1 GPU, {s.compiled}", compiled, layout="fsdp")
+    n = 4
+    accumulation = measure(f"plain, {n} micro-batches, unfused loss (reference)", None, microbatches=n,
+                           fused_loss=False, compile=False)  # fmt: skip
+    for schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
+        measure(f"pipeline {schedule}, {n} micro-batches", accumulation, layout="pipeline",
+                pp_schedule=schedule, microbatches=n, compile=False)  # fmt: skip
+
+
 def _pretrain_throughput(records: list[dict], skip: int) -> float:
     """Mean tokens/s of the logged steps after the first `skip` (compilation, warm-up)."""
     values = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r and r["step"] > skip]
@@ -454,7 +483,13 @@ def main() -> None:
                     s, run, corpus
                 )
             else:
-                {"gpt2": part_gpt2, "llama1b": part_llama1b, "switches": part_switches}[part](s, run)
+                parts_by_name = {
+                    "gpt2": part_gpt2,
+                    "llama1b": part_llama1b,
+                    "switches": part_switches,
+                    "scale": part_scale,
+                }
+                parts_by_name[part](s, run)
             durations[part] = time.perf_counter() - started
     except Terminated:
         print(f"terminated (SIGTERM) during part {part}; the rows measured so far:", flush=True)

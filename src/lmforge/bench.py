@@ -2,21 +2,36 @@
 
 Random tokens take the data pipeline out of the measurement: what is timed is forward, backward
 and the optimizer step, the part lmforge's own code decides.
+
+`--layout fsdp` and `--layout pipeline` wrap the model as pretraining does under parallel.dp_shard > 1
+or parallel.pp > 1, but on this one process (a process group of one): what the wrapping itself costs
+on one device, beside the plain model (`--layout plain`) on the same batches. Every layout draws the
+same weights and tokens from `seed`, so their final losses agree (to rounding): the same work is timed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lmforge.config import OptimConfig, TrainConfig
+from lmforge.config import OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.models import build_model, model_config
 from lmforge.ops.cross_entropy import cross_entropy
+from lmforge.parallel.apply import gradient_sync
+from lmforge.parallel.fsdp import apply_fsdp
+from lmforge.parallel.pipeline import validate_pp
 from lmforge.runtime import (
     autocast,
     configure_backends,
@@ -30,6 +45,9 @@ from lmforge.train.activation_checkpointing import apply_activation_checkpointin
 from lmforge.train.compile import CompileMode, CompileScope, apply_compile
 from lmforge.train.converters import convert_model
 from lmforge.train.optim import build_optimizer
+from lmforge.train.pipeline_step import PipelineStep, stages_per_rank
+
+Layout = Literal["plain", "fsdp", "pipeline"]
 
 
 def bench(
@@ -43,7 +61,7 @@ def bench(
     compile: bool | None = None,
     device: str = "auto",
     seed: int = 0,
-    fused_loss: bool = True,
+    fused_loss: bool | None = None,
     activation_checkpointing: Literal["none", "selective", "full"] = "none",
     compile_scope: CompileScope = "blocks",
     compile_mode: CompileMode = "default",
@@ -52,8 +70,12 @@ def bench(
     optimizer: Literal["adamw", "muon"] = "adamw",
     profile: str | None = None,
     vocab_size: int | None = None,
+    layout: Layout = "plain",
+    microbatches: int = 1,
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b",
+    fsdp_reshard_after_forward: bool = True,
 ) -> dict:
-    """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms.
+    """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms and the last loss.
 
     Args:
         family: llama or gpt2.
@@ -63,10 +85,10 @@ def bench(
         steps: Timed steps.
         warmup: Untimed steps first (compilation, allocator warm-up).
         precision: auto, fp32, bf16 or fp16.
-        compile: torch.compile the model (default: on for CUDA).
+        compile: torch.compile the model (default: on for CUDA, except with layout pipeline, whose stages run eagerly as in pretraining).
         device: auto, cpu, cuda or cuda:N.
         seed: Seed of the weights and the random tokens.
-        fused_loss: Compute the loss without materialising the logits, as pretraining does by default.
+        fused_loss: Compute the loss without materialising the logits, as pretraining does by default (default: on, except with layout pipeline).
         activation_checkpointing: none, selective (every other block) or full: recompute activations in backward.
         compile_scope: blocks (each block compiled on its own) or model (one graph).
         compile_mode: torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
@@ -75,9 +97,16 @@ def bench(
         optimizer: adamw (fused on CUDA) or muon.
         profile: After timing, profile 3 more steps with torch.profiler: write a Chrome/Perfetto trace to this path and print the 15 ops with the most self time to stderr.
         vocab_size: The model's vocabulary (default: the flavor's).
+        layout: plain (the model as built), fsdp (FSDP2 fully_shard per block, parameters gathered in the compute dtype, as parallel.dp_shard > 1 trains) or pipeline (torch.distributed.pipelining stages and schedule, as parallel.pp > 1), on a process group of this one process: what the wrapping costs on one device.
+        microbatches: Split each step's batch into this many micro-batches: gradient accumulation (plain, fsdp) or the pipeline schedule's micro-batches.
+        pp_schedule: The schedule of layout pipeline: gpipe, 1f1b, or interleaved_1f1b (two stages on this process).
+        fsdp_reshard_after_forward: Layout fsdp: free the gathered parameters after forward and gather them again in backward.
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
+    _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype)
+    fused_loss = fused_loss if fused_loss is not None else layout != "pipeline"
+    use_compile = compile if compile is not None else dev.type == "cuda" and layout != "pipeline"
     configure_backends(dev)
     torch.manual_seed(seed)
     try:
@@ -85,50 +114,59 @@ def bench(
         model_cfg = model_config(family, flavor, max_seq_len=seq_len, **overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    model = build_model(model_cfg, dev)
-    convert_model(model, TrainConfig(fused_projections=fused_projections, float8=float8), 1, dev)
-    apply_activation_checkpointing(model, activation_checkpointing)
-    opt = build_optimizer(model, OptimConfig(name=optimizer), dev.type)
-    use_compile = compile if compile is not None else dev.type == "cuda"
-    train_model = apply_compile(model, model, compile_scope, compile_mode) if use_compile else model
-    vocab = model.cfg.vocab_size
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    with _process_group_of_one(dev, layout) as mesh:
+        model = build_model(model_cfg, dev)
+        convert_model(model, TrainConfig(fused_projections=fused_projections, float8=float8), 1, dev)
+        params, vocab, flops_per_token = (
+            model.num_params(),
+            model.cfg.vocab_size,
+            model.flops_per_token(seq_len),
+        )
+        parts, optimizers, pipe = _wrap(model, layout, mesh, dev, dtype, optimizer, microbatches, pp_schedule,
+                                        fsdp_reshard_after_forward)  # fmt: skip
+        del model  # a pipeline's stages are copies: the full model would only take memory
+        for part in parts:  # after FSDP, before compile, as pretraining does
+            apply_activation_checkpointing(part, activation_checkpointing)
+        if pipe is not None:
+            forward_backward = lambda tokens, scaler: pipe.train_step(tokens[:, :-1], tokens[:, 1:], 1.0)[0]  # noqa: E731
+        else:
+            model = parts[0]
+            train_model = apply_compile(model, model, compile_scope, compile_mode) if use_compile else model
+            forward_backward = functools.partial(
+                _accumulate, train_model, model, optimizers[0], microbatches, fused_loss
+            )
+        scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+        losses: list[torch.Tensor] = []
 
-    def step() -> None:
-        tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=dev)
-        with autocast(dev, dtype):
-            if fused_loss:
-                loss = train_model(tokens[:, :-1], targets=tokens[:, 1:])
-            else:
-                loss = cross_entropy(train_model(tokens[:, :-1]), tokens[:, 1:])
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        def step() -> None:
+            tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=dev)
+            with autocast(dev, dtype):
+                losses.append(forward_backward(tokens, scaler))
+            for opt in optimizers:
+                scaler.step(opt)
+                opt.zero_grad(set_to_none=True)
+            scaler.update()
 
-    for _ in range(warmup):
-        step()
-    synchronize(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(dev)
-    elapsed = time.perf_counter() - started
+        for _ in range(warmup):
+            step()
+        synchronize(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(dev)
+        elapsed = time.perf_counter() - started
 
-    if profile is not None:
-        _profile(step, dev, Path(profile))
+        if profile is not None:
+            _profile(step, dev, Path(profile))
 
     tokens_per_sec = batch_size * seq_len * steps / elapsed
     peak, peak_source = peak_flops(dev)
-    flops_per_token = model.flops_per_token(seq_len)
     return {
         "family": family,
         "flavor": flavor,
-        "params": model.num_params(),
+        "params": params,
         "vocab_size": vocab,
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -138,6 +176,9 @@ def bench(
         "float8": float8,
         "activation_checkpointing": activation_checkpointing,
         "optimizer": optimizer,
+        "layout": layout if layout != "pipeline" else f"pipeline {pp_schedule}",
+        "microbatches": microbatches,
+        "fused_loss": fused_loss,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
         "tokens_per_sec": tokens_per_sec,
         "step_ms": 1000 * elapsed / steps,
@@ -145,7 +186,94 @@ def bench(
         "mfu_peak": peak_source,
         "flops_per_token": flops_per_token,
         "peak_mem_gib": peak_memory_gib(dev),
+        "loss": losses[-1].item() if losses else None,  # the last timed (or warm-up) step's
     }
+
+
+def _check_layout(
+    layout: Layout, microbatches: int, batch_size: int, compile: bool | None, fused_loss: bool | None,
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
+    if microbatches < 1 or batch_size % microbatches:
+        raise ConfigError(f"bench: batch_size {batch_size} does not split into microbatches={microbatches}")
+    if layout != "pipeline":
+        return
+    for name, value, why in (
+        ("compile", compile, "pipeline stages run eagerly, as in pretraining"),
+        ("fused_loss", fused_loss, "the pipeline's loss takes the last stage's logits"),
+    ):
+        if value:
+            raise ConfigError(f"bench: --{name} true is not supported with --layout pipeline ({why})")
+    if dtype == torch.float16:
+        raise ConfigError(
+            "bench: --layout pipeline does not support fp16 (no GradScaler in the pipeline): use bf16"
+        )
+
+
+@contextlib.contextmanager
+def _process_group_of_one(dev: torch.device, layout: Layout) -> Iterator[DeviceMesh | None]:
+    """A one-process mesh for the fsdp and pipeline layouts (None for plain), and its process group
+    unless one exists (it must then be of one process: bench measures one device)."""
+    if layout == "plain":
+        yield None
+        return
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ConfigError(
+                f"bench measures one process; this one is in a group of {dist.get_world_size()}"
+            )
+        yield init_device_mesh(dev.type, (1,), mesh_dim_names=(layout,))
+        return
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as store:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{store}/store", rank=0, world_size=1)
+        try:
+            yield init_device_mesh(dev.type, (1,), mesh_dim_names=(layout,))
+        finally:
+            dist.destroy_process_group()
+
+
+def _accumulate(
+    train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: int,
+    fused_loss: bool, tokens: torch.Tensor, scaler: torch.amp.GradScaler,
+) -> torch.Tensor:  # fmt: skip
+    """Forward and backward over the batch's micro-batches, then clipping, as pretraining's step does;
+    returns the batch's mean loss. `train_model` is `model` or its compiled form."""
+    total = torch.zeros((), device=tokens.device)
+    for i, micro in enumerate(tokens.chunk(microbatches)):
+        with gradient_sync(model, enabled=i == microbatches - 1):
+            if fused_loss:
+                loss = train_model(micro[:, :-1], targets=micro[:, 1:]) / microbatches
+            else:
+                loss = cross_entropy(train_model(micro[:, :-1]), micro[:, 1:]) / microbatches
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    return total
+
+
+def _wrap(
+    model: nn.Module, layout: Layout, mesh: DeviceMesh | None, dev: torch.device, dtype: torch.dtype,
+    optimizer: str, microbatches: int, pp_schedule: str, reshard_after_forward: bool,
+) -> tuple[list[nn.Module], list[torch.optim.Optimizer], PipelineStep | None]:  # fmt: skip
+    """(the modules holding the parameters, their optimizers, the pipeline's step or None)."""
+    optim_cfg = OptimConfig(name=optimizer)
+    if layout == "pipeline":
+        cfg = RunConfig(optim=optim_cfg, parallel=ParallelConfig(pp_schedule=pp_schedule))
+        try:
+            validate_pp(model.cfg.n_layers, 1, stages_per_rank(cfg), microbatches, microbatches, pp_schedule)
+        except ValueError as err:
+            raise ConfigError(f"bench --layout pipeline: {err}") from None
+        pipe = PipelineStep(model, cfg, mesh, dev, microbatches, lambda part: None)
+        return pipe.parts, pipe.optimizers, pipe
+    if layout == "fsdp":
+        # As parallelize() does for parallel.dp_shard > 1: gathered in the compute dtype, reduced in fp32.
+        param_dtype = None if dtype == torch.float32 else dtype
+        apply_fsdp(model, mesh, param_dtype, torch.float32, reshard_after_forward)
+    return [model], [build_optimizer(model, optim_cfg, dev.type)], None
 
 
 def _profile(step, dev: torch.device, trace: Path, steps: int = 3) -> None:

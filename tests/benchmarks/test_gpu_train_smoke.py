@@ -23,16 +23,23 @@ def test_every_part_runs_and_the_table_is_printed_last(corpus_dir, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    parts = ["run", "gpt2", "llama1b", "switches", "corpus", "host_sync", "fp8_loss", "speedrun"]
+    parts = ["run", "gpt2", "llama1b", "switches", "scale", "corpus", "host_sync", "fp8_loss", "speedrun"]
     assert sorted({row["part"] for row in rows}, key=parts.index) == parts
     assert rows[0]["part"] == "run" and rows[0]["device"] == "cpu"
     [corpus] = [row for row in rows if row["part"] == "corpus"]
     assert "train" in corpus["note"] and "error" not in corpus["note"]
     measured = [
-        row for row in rows if row["part"] in ("gpt2", "llama1b", "switches", "host_sync", "fp8_loss")
+        row
+        for row in rows
+        if row["part"] in ("gpt2", "llama1b", "switches", "scale", "host_sync", "fp8_loss")
     ]
     measured = [row for row in measured if "skipped" not in row["note"]]
     assert all(row["tokens_per_sec"] > 0 for row in measured)
+    # FSDP2 and the three pipeline schedules on a process group of one, beside the plain model: in
+    # fp32 on a CPU every configuration trains the same weights on the same tokens to the same loss.
+    scale = [row for row in rows if row["part"] == "scale"]
+    assert len(scale) == 7 and all(row["note"].startswith("loss ") for row in scale)
+    assert len({row["note"] for row in scale}) == 1
     [speedrun] = [row for row in rows if row["part"] == "speedrun"]
     assert speedrun["corpus"]["tokens"]["train"] > 10_000 and speedrun["baseline"]["train_time_s"] > 0
     assert speedrun["baseline_steps"] == 30

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.cli import main
 
@@ -87,6 +88,48 @@ def test_bench_switches_and_profile(capsys, tmp_path):
     assert "Self CPU" in captured.err and "aten::mm" in captured.err
 
 
+def test_bench_layouts_time_the_same_training(capsys):
+    """--layout fsdp and pipeline wrap the model on a process group of this one process: the same
+    weights and tokens as the plain model, so the same losses (fp32 on CPU); only the time differs."""
+    base = ["bench", "--family", "llama", "--flavor", "debug", "--batch-size", "4", "--seq-len", "32",
+            "--steps", "3", "--warmup", "1", "--device", "cpu"]  # fmt: skip
+    pipeline = ["--layout", "pipeline", "--microbatches", "2", "--pp-schedule"]
+    runs = {
+        "plain": [],
+        "accumulation": ["--microbatches", "2", "--fused-loss", "false"],
+        "fsdp": ["--layout", "fsdp"],
+        "fsdp-keep-gathered": [
+            "--layout",
+            "fsdp",
+            "--fsdp-reshard-after-forward",
+            "false",
+            "--microbatches",
+            "2",
+        ],
+        "gpipe": pipeline + ["gpipe"],
+        "1f1b": pipeline + ["1f1b"],
+        "interleaved": pipeline + ["interleaved_1f1b"],
+        "other seed": ["--seed", "1"],
+    }
+    results = {}
+    for name, extra in runs.items():
+        assert main(base + extra) == 0, name
+        results[name] = json.loads(capsys.readouterr().out)
+    assert (
+        results["fsdp"]["layout"] == "fsdp"
+        and results["interleaved"]["layout"] == "pipeline interleaved_1f1b"
+    )
+    assert results["gpipe"]["microbatches"] == 2 and results["gpipe"]["fused_loss"] is False
+    reference = results.pop("plain")["loss"]
+    assert results.pop("other seed")["loss"] != pytest.approx(
+        reference, rel=1e-3
+    )  # the loss tells runs apart
+    for name, result in results.items():
+        assert result["loss"] == pytest.approx(reference, rel=1e-5), name
+        assert result["tokens_per_sec"] > 0
+    assert not torch.distributed.is_initialized()  # bench's own process group is gone
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -101,6 +144,8 @@ def test_bench_switches_and_profile(capsys, tmp_path):
         (["pretrain", "--out", "does/not/exist", "--resume"], "does not exist"),
         (["generate", "does/not/exist"], "does not exist"),
         (["data", "prepare", "--source", "no/such/corpus", "--out", "x"], "no/such/corpus"),
+        (["bench", "--flavor", "debug", "--batch-size", "4", "--microbatches", "3"], "microbatches=3"),
+        (["bench", "--flavor", "debug", "--layout", "pipeline", "--compile", "true"], "--compile true"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tmp_path):

@@ -7,14 +7,13 @@ model on the same global batches.
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_worker import gloo_group
 from torch.distributed.device_mesh import init_device_mesh
 
 from lmforge.models import build_model, model_config
@@ -208,19 +207,11 @@ def _train_pipeline(family: str, schedule_name: str, pp_mesh) -> dict:
 
 
 def _worker(rank: int, rendezvous: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=120)  # a failing peer ends the test instead of hanging it
-    dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=PP, timeout=timeout
-    )
-    try:
+    with gloo_group(rank, PP, rendezvous, timeout_s=120):
         pp_mesh = init_device_mesh("cpu", (PP,), mesh_dim_names=("pp",))["pp"]
         for family, schedule_name in CASES:
             result = _train_pipeline(family, schedule_name, pp_mesh)
             torch.save(result, Path(out_dir) / f"{family}_{schedule_name}_rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while another is still in a collective
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_worker import gloo_group
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -114,9 +114,7 @@ def _train_case(family: str, overrides: dict, sequence_parallel: bool, mesh) -> 
 
 
 def _worker(rank: int, world_size: int, rendezvous: str, cases: list, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, rendezvous):
         mesh = init_device_mesh("cpu", (world_size,))
         results = {name: _train_case(family, ov, sp, mesh) for name, family, ov, sp in cases}
         # A layout the model cannot take is refused before anything is sharded.
@@ -136,9 +134,6 @@ def _worker(rank: int, world_size: int, rendezvous: str, cases: list, out_dir: s
         except ValueError as err:
             results["odd_seq_len"] = str(err)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()  # no rank tears gloo down while another is still in a collective
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_worker import gloo_group
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -274,14 +275,9 @@ def _run_case(case: Case) -> dict:
 
 
 def _worker(rank: int, world_size: int, rendezvous: str, cases: dict[str, Case], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, rendezvous):
         results = {name: _run_case(case) for name, case in cases.items()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()  # no rank tears gloo down while another is still in a collective
-    finally:
-        dist.destroy_process_group()
 
 
 def _measure(cases: dict[str, Case], world_size: int, out_dir: Path) -> list[dict]:
