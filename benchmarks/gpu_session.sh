@@ -9,8 +9,9 @@
 #   bash benchmarks/gpu_session.sh train --parts llama1b,corpus           # points 2, 3, 5     ~6 min
 #   bash benchmarks/gpu_session.sh train --parts speedrun                 # point 5            ~8 min
 #   bash benchmarks/gpu_session.sh train --parts fp8_loss,host_sync       # points 2, 4        ~7 min
-# About 31 minutes with the machine's start: more than one session's 30 minutes of device time, so
-# the last call will usually need a second session. The corpus is prepared (in the background,
+#   bash benchmarks/gpu_session.sh train --parts scale                    # issue 3, point 6   ~4 min
+# About 35 minutes with the machine's start: more than one session's 30 minutes of device time, so
+# the last calls will usually need a second session (a session spent on issue 3 runs `scale` first). The corpus is prepared (in the background,
 # while llama 1b's GPU-bound steps run) into /tmp/gpu_train, which the next calls reuse while the
 # machine stays warm; a cold machine prepares it again.
 # Rows come back in $OUT/rows.jsonl as they are measured (with each pretraining run's metrics), so a
