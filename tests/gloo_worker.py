@@ -7,11 +7,13 @@
 On success the worker waits for its peers (so no rank tears gloo down while another is still in a
 collective), destroys the group and then leaves with os._exit(0), skipping the interpreter's
 finalisation. A TP worker has died there, rarely, with "terminate called without an active
-exception" (SIGABRT; twice in CI, in about a dozen full runs, never in 22 runs of that test alone),
-after its results were written; PyTorch describes such a crash when gloo's threads still hold Python
-objects at finalisation (pytorch/pytorch PR 179291). faulthandler prints every thread's Python stack
-if a worker still dies of a signal, the clue to where. On an error, the group is destroyed and the
-exception propagates, so mp.spawn reports the worker's traceback.
+exception" (SIGABRT; twice in CI in about a dozen full runs, never in 22 runs of that test alone),
+after its results were written: at finalisation a gloo thread that releases a tensor needs a GIL
+that is gone (pretrain collects such cycles before and after destroying its group for the same
+reason; pytorch/pytorch PR 179291 describes the crash). A test worker's locals still hold models
+and DTensors when the group is destroyed, so it skips finalisation instead. faulthandler prints
+every thread's Python stack if a worker still dies of a signal. On an error, the group is destroyed
+and the exception propagates, so mp.spawn reports the worker's traceback.
 """
 
 from __future__ import annotations

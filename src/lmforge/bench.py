@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 
 from lmforge.config import OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from lmforge.errors import ConfigError
@@ -103,8 +105,10 @@ def bench(
         fsdp_reshard_after_forward: Layout fsdp: free the gathered parameters after forward and gather them again in backward.
     """
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:  # the process group of the layouts needs the index
+        dev = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_precision(precision, dev)
-    _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype)
+    _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype, optimizer)
     fused_loss = fused_loss if fused_loss is not None else layout != "pipeline"
     use_compile = compile if compile is not None else dev.type == "cuda" and layout != "pipeline"
     configure_backends(dev)
@@ -114,34 +118,40 @@ def bench(
         model_cfg = model_config(family, flavor, max_seq_len=seq_len, **overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    with _process_group_of_one(dev, layout) as mesh:
+
+    def measure(mesh: DeviceMesh | None) -> dict:
+        """Build, wrap and time; everything built here is freed on return, before the process
+        group of the layouts is destroyed."""
         model = build_model(model_cfg, dev)
         convert_model(model, TrainConfig(fused_projections=fused_projections, float8=float8), 1, dev)
-        params, vocab, flops_per_token = (
-            model.num_params(),
-            model.cfg.vocab_size,
-            model.flops_per_token(seq_len),
-        )
+        facts = {"params": model.num_params(), "vocab": model.cfg.vocab_size,
+                 "flops_per_token": model.flops_per_token(seq_len)}  # fmt: skip
         parts, optimizers, pipe = _wrap(model, layout, mesh, dev, dtype, optimizer, microbatches, pp_schedule,
                                         fsdp_reshard_after_forward)  # fmt: skip
         del model  # a pipeline's stages are copies: the full model would only take memory
+        facts["wrapped"] = _describe(parts, pipe)
         for part in parts:  # after FSDP, before compile, as pretraining does
             apply_activation_checkpointing(part, activation_checkpointing)
-        if pipe is not None:
-            forward_backward = lambda tokens, scaler: pipe.train_step(tokens[:, :-1], tokens[:, 1:], 1.0)[0]  # noqa: E731
+        if (
+            pipe is not None
+        ):  # the schedule runs forward and backward: all of it under autocast, as in pretraining
+
+            def forward_backward(tokens: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
+                with autocast(dev, dtype):
+                    return pipe.train_step(tokens[:, :-1], tokens[:, 1:], 1.0)[0]
         else:
-            model = parts[0]
-            train_model = apply_compile(model, model, compile_scope, compile_mode) if use_compile else model
+            train_model = (
+                apply_compile(parts[0], parts[0], compile_scope, compile_mode) if use_compile else parts[0]
+            )
             forward_backward = functools.partial(
-                _accumulate, train_model, model, optimizers[0], microbatches, fused_loss
+                _accumulate, train_model, parts[0], optimizers[0], microbatches, fused_loss, dtype
             )
         scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
         losses: list[torch.Tensor] = []
 
         def step() -> None:
-            tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), device=dev)
-            with autocast(dev, dtype):
-                losses.append(forward_backward(tokens, scaler))
+            tokens = torch.randint(0, facts["vocab"], (batch_size, seq_len + 1), device=dev)
+            losses.append(forward_backward(tokens, scaler))
             for opt in optimizers:
                 scaler.step(opt)
                 opt.zero_grad(set_to_none=True)
@@ -156,18 +166,23 @@ def bench(
         for _ in range(steps):
             step()
         synchronize(dev)
-        elapsed = time.perf_counter() - started
-
+        facts["elapsed"] = time.perf_counter() - started
+        facts["peak_mem_gib"] = peak_memory_gib(dev)
+        facts["loss"] = losses[-1].item() if losses else None  # the last timed (or warm-up) step's
         if profile is not None:
             _profile(step, dev, Path(profile))
+        return facts
 
+    with _process_group_of_one(dev, layout) as mesh:
+        measured = measure(mesh)
+    elapsed, flops_per_token = measured["elapsed"], measured["flops_per_token"]
     tokens_per_sec = batch_size * seq_len * steps / elapsed
     peak, peak_source = peak_flops(dev)
     return {
         "family": family,
         "flavor": flavor,
-        "params": params,
-        "vocab_size": vocab,
+        "params": measured["params"],
+        "vocab_size": measured["vocab"],
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dtype": str(dtype).removeprefix("torch."),
@@ -177,6 +192,7 @@ def bench(
         "activation_checkpointing": activation_checkpointing,
         "optimizer": optimizer,
         "layout": layout if layout != "pipeline" else f"pipeline {pp_schedule}",
+        "wrapped": measured["wrapped"],
         "microbatches": microbatches,
         "fused_loss": fused_loss,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
@@ -185,17 +201,19 @@ def bench(
         "mfu": flops_per_token * tokens_per_sec / peak if peak else None,
         "mfu_peak": peak_source,
         "flops_per_token": flops_per_token,
-        "peak_mem_gib": peak_memory_gib(dev),
-        "loss": losses[-1].item() if losses else None,  # the last timed (or warm-up) step's
+        "peak_mem_gib": measured["peak_mem_gib"],
+        "loss": measured["loss"],
     }
 
 
 def _check_layout(
     layout: Layout, microbatches: int, batch_size: int, compile: bool | None, fused_loss: bool | None,
-    dtype: torch.dtype,
+    dtype: torch.dtype, optimizer: str,
 ) -> None:  # fmt: skip
     if microbatches < 1 or batch_size % microbatches:
         raise ConfigError(f"bench: batch_size {batch_size} does not split into microbatches={microbatches}")
+    if layout == "fsdp" and optimizer == "muon":
+        raise ConfigError("bench: --optimizer muon orthogonalises whole matrices, which --layout fsdp shards")
     if layout != "pipeline":
         return
     for name, value, why in (
@@ -232,22 +250,36 @@ def _process_group_of_one(dev: torch.device, layout: Layout) -> Iterator[DeviceM
         try:
             yield init_device_mesh(dev.type, (1,), mesh_dim_names=(layout,))
         finally:
+            # As pretrain does: free what still holds the group (cycles) before it goes, not at
+            # interpreter teardown, where gloo's threads can abort the process.
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()
+
+
+def _describe(parts: list[nn.Module], pipe: PipelineStep | None) -> str:
+    """What the layout made of the model, checkable in the JSON line: FSDP units or pipeline stages."""
+    if pipe is not None:
+        layers = ["+".join(part.layers if hasattr(part, "layers") else part.h) for part in parts]
+        return f"{len(parts)} pipeline stage(s) on this process, layers " + " | ".join(layers)
+    units = sum(isinstance(module, FSDPModule) for module in parts[0].modules())
+    return f"{units} FSDP2 units" if units else "not wrapped"
 
 
 def _accumulate(
     train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: int,
-    fused_loss: bool, tokens: torch.Tensor, scaler: torch.amp.GradScaler,
+    fused_loss: bool, dtype: torch.dtype, tokens: torch.Tensor, scaler: torch.amp.GradScaler,
 ) -> torch.Tensor:  # fmt: skip
-    """Forward and backward over the batch's micro-batches, then clipping, as pretraining's step does;
-    returns the batch's mean loss. `train_model` is `model` or its compiled form."""
+    """Forward (under autocast) and backward over the batch's micro-batches, then clipping, as
+    pretraining's step does; returns the batch's mean loss. `train_model` is `model` or its compiled form."""
     total = torch.zeros((), device=tokens.device)
     for i, micro in enumerate(tokens.chunk(microbatches)):
         with gradient_sync(model, enabled=i == microbatches - 1):
-            if fused_loss:
-                loss = train_model(micro[:, :-1], targets=micro[:, 1:]) / microbatches
-            else:
-                loss = cross_entropy(train_model(micro[:, :-1]), micro[:, 1:]) / microbatches
+            with autocast(tokens.device, dtype):
+                if fused_loss:
+                    loss = train_model(micro[:, :-1], targets=micro[:, 1:]) / microbatches
+                else:
+                    loss = cross_entropy(train_model(micro[:, :-1]), micro[:, 1:]) / microbatches
             scaler.scale(loss).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
