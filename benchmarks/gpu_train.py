@@ -64,7 +64,7 @@ from speedrun import baseline_speed, baseline_steps_for, corpus_summary, prepare
 from speedrun import print_table as print_speedrun  # noqa: E402
 from speedrun import speedrun as race  # noqa: E402
 
-from lmforge.bench import bench  # noqa: E402
+from lmforge.bench import bench, interleaving_on_one_process  # noqa: E402
 from lmforge.models import model_config  # noqa: E402
 
 PARTS = ("gpt2", "llama1b", "switches", "scale", "corpus", "host_sync", "fp8_loss", "speedrun")
@@ -295,6 +295,10 @@ def part_scale(s: Settings, run: Runner) -> None:
     # each with its own gradient and AdamW state: a cost of this one-process set-up, not of the schedule.
     tied = model_config("llama", s.big).tie_embeddings
     for schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
+        if schedule == "interleaved_1f1b" and not interleaving_on_one_process():
+            why = f"skipped: torch {torch.__version__} cannot run both stages on one process (needs >= 2.13)"
+            run.add(_row("scale", f"pipeline {schedule}, {n} micro-batches", {}, note=why))
+            continue
         note = "; 2 copies of the tied embedding" if tied and schedule == "interleaved_1f1b" else ""
         measure(f"pipeline {schedule}, {n} micro-batches", accumulation, note, layout="pipeline",
                 pp_schedule=schedule, microbatches=n, compile=False)  # fmt: skip

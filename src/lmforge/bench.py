@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
+from torch.torch_version import TorchVersion
 
 from lmforge.config import OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from lmforge.errors import ConfigError
@@ -108,7 +109,7 @@ def bench(
     if dev.type == "cuda" and dev.index is None:  # the process group of the layouts needs the index
         dev = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_precision(precision, dev)
-    _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype, optimizer)
+    _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype, optimizer, pp_schedule)
     fused_loss = fused_loss if fused_loss is not None else layout != "pipeline"
     use_compile = compile if compile is not None else dev.type == "cuda" and layout != "pipeline"
     configure_backends(dev)
@@ -206,9 +207,16 @@ def bench(
     }
 
 
+def interleaving_on_one_process() -> bool:
+    """Whether torch's interleaved 1F1B can run both stages on one process: torch 2.13 passes
+    activations between a process's adjacent stages directly; torch 2.11's stage shape inference
+    still sends them to itself, which fails on a group of one (both checked on CPU with gloo)."""
+    return TorchVersion(torch.__version__) >= "2.13"
+
+
 def _check_layout(
     layout: Layout, microbatches: int, batch_size: int, compile: bool | None, fused_loss: bool | None,
-    dtype: torch.dtype, optimizer: str,
+    dtype: torch.dtype, optimizer: str, pp_schedule: str,
 ) -> None:  # fmt: skip
     if microbatches < 1 or batch_size % microbatches:
         raise ConfigError(f"bench: batch_size {batch_size} does not split into microbatches={microbatches}")
@@ -222,6 +230,11 @@ def _check_layout(
     ):
         if value:
             raise ConfigError(f"bench: --{name} true is not supported with --layout pipeline ({why})")
+    if pp_schedule == "interleaved_1f1b" and not interleaving_on_one_process():
+        raise ConfigError(
+            f"bench: --pp-schedule interleaved_1f1b on one process needs torch >= 2.13; torch {torch.__version__}'s "
+            "pipelining sends between the process's own two stages, which a group of one cannot do"
+        )
     if dtype == torch.float16:
         raise ConfigError(
             "bench: --layout pipeline does not support fp16 (no GradScaler in the pipeline): use bf16"

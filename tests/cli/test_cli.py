@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.bench import interleaving_on_one_process
 from lmforge.cli import main
 
 RECIPES = Path(__file__).parents[2] / "recipes"
@@ -108,7 +109,8 @@ def test_bench_layouts_time_the_same_training(capsys):
         ],
         "gpipe": pipeline + ["gpipe"],
         "1f1b": pipeline + ["1f1b"],
-        "interleaved": pipeline + ["interleaved_1f1b"],
+        # torch 2.11 cannot run interleaved 1F1B's two stages on one process: bench refuses it there.
+        **({"interleaved": pipeline + ["interleaved_1f1b"]} if interleaving_on_one_process() else {}),
         "other seed": ["--seed", "1"],
     }
     results = {}
@@ -120,8 +122,9 @@ def test_bench_layouts_time_the_same_training(capsys):
     assert results["fsdp"]["wrapped"] == results["fsdp-keep-gathered"]["wrapped"] == "3 FSDP2 units"
     one_stage = "1 pipeline stage(s) on this process, layers 0+1"
     assert results["gpipe"]["wrapped"] == results["1f1b"]["wrapped"] == one_stage
-    assert results["interleaved"]["wrapped"] == "2 pipeline stage(s) on this process, layers 0 | 1"
-    assert results["interleaved"]["layout"] == "pipeline interleaved_1f1b"
+    if "interleaved" in results:
+        assert results["interleaved"]["wrapped"] == "2 pipeline stage(s) on this process, layers 0 | 1"
+        assert results["interleaved"]["layout"] == "pipeline interleaved_1f1b"
     assert results["gpipe"]["fused_loss"] is False
     reference = results.pop("plain")["loss"]
     other_seed = results.pop("other seed")["loss"]
