@@ -133,10 +133,8 @@ def bench(
         facts["wrapped"] = _describe(parts, pipe)
         for part in parts:  # after FSDP, before compile, as pretraining does
             apply_activation_checkpointing(part, activation_checkpointing)
-        if (
-            pipe is not None
-        ):  # the schedule runs forward and backward: all of it under autocast, as in pretraining
-
+        if pipe is not None:
+            # The schedule runs forward and backward: all of it under autocast, as in pretraining.
             def forward_backward(tokens: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
                 with autocast(dev, dtype):
                     return pipe.train_step(tokens[:, :-1], tokens[:, 1:], 1.0)[0]
