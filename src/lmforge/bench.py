@@ -34,6 +34,7 @@ from lmforge.models import build_model, model_config
 from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.parallel.apply import gradient_sync
 from lmforge.parallel.fsdp import apply_fsdp
+from lmforge.parallel.mesh import local_device
 from lmforge.parallel.pipeline import validate_pp
 from lmforge.runtime import (
     autocast,
@@ -105,9 +106,7 @@ def bench(
         pp_schedule: The schedule of layout pipeline: gpipe, 1f1b, or interleaved_1f1b (two stages on this process).
         fsdp_reshard_after_forward: Layout fsdp: free the gathered parameters after forward and gather them again in backward.
     """
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:  # the process group of the layouts needs the index
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = local_device(resolve_device(device))  # with its index: the layouts' process group needs it
     dtype = resolve_precision(precision, dev)
     _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype, optimizer, pp_schedule)
     fused_loss = fused_loss if fused_loss is not None else layout != "pipeline"

@@ -56,9 +56,8 @@ def _batches(vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     start = torch.randint(0, vocab_size, (N_STEPS, BATCH, 1), generator=generator)
     stride = torch.randint(1, 4, (N_STEPS, BATCH, 1), generator=generator)
     tokens = (start + stride * torch.arange(SEQ_LEN + 1)) % vocab_size
-    return [
-        (t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens
-    ]  # torch 2.11's stages check strides
+    # Contiguous slices: torch 2.11's stages check their inputs' strides.
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
 def _optimizer(params) -> torch.optim.Optimizer:

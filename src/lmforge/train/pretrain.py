@@ -590,10 +590,12 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool | str | Path, dims: Pa
         if step != max_steps and (periodic or stop):
             checkpoint(step)
         if stop and step != max_steps:  # preempted: the checkpoint is written, exit cleanly
-            log.print(f"{stop_signal.requested or 'another rank'}: checkpoint written at step {step}, stopping; "
-                      f"continue with --resume" if cfg.checkpoint.enabled else
-                      f"{stop_signal.requested or 'another rank'}: stopping at step {step} "
-                      f"(checkpoint.enabled=false: nothing to resume from)")  # fmt: skip
+            outcome = (
+                f"checkpoint written at step {step}, stopping; continue with --resume"
+                if cfg.checkpoint.enabled
+                else f"stopping at step {step} (checkpoint.enabled=false: nothing to resume from)"
+            )
+            log.print(f"{stop_signal.requested or 'another rank'}: {outcome}")
             log.close()
             batch_log.close()
             loader.close()
