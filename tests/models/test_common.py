@@ -172,7 +172,7 @@ def test_meta_build_allocates_nothing_and_matches_published_size(
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_meta_then_init_weights_equals_build_model(family: str) -> None:
     cfg = model_config(family, "debug")
-    _, model_cls, _ = FAMILIES[family]
+    model_cls = FAMILIES[family].model
     torch.manual_seed(0)
     built = build_model(cfg)
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_residual_projections_are_scaled_down(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_flavor_table_sizes(family: str) -> None:
-    flavors = FAMILIES[family][2]
+    flavors = FAMILIES[family].flavors
     assert list(flavors) == ["debug", "tiny", "124m", "350m", "1b", "7b", "70b", "175b"]
     debug = build_model(model_config(family, "debug"), device="meta")
     assert debug.num_params() < 1_000_000
@@ -237,7 +237,7 @@ def test_flavor_table_sizes(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_model_config_overrides_copy_and_validate(family: str) -> None:
-    flavor_table = FAMILIES[family][2]
+    flavor_table = FAMILIES[family].flavors
     before = dataclasses.replace(flavor_table["debug"])
     cfg = model_config(family, "debug", n_layers=3, max_seq_len=128)
     assert (cfg.n_layers, cfg.max_seq_len) == (3, 128)

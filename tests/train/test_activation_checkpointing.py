@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lmforge.models import build_model, model_config
+from lmforge.models import blocks, build_model, model_config
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.train.pretrain import pretrain
 
@@ -17,7 +17,7 @@ def gradients(family: str, mode: str) -> tuple[int, list[torch.Tensor], torch.Te
     model = build_model(model_config(family, "debug", n_layers=4))
     count = apply_activation_checkpointing(model, mode)
     calls = []
-    for block in (model.layers if family == "llama" else model.h).values():
+    for block in blocks(model).values():
         next(block.children()).register_forward_hook(lambda *_: calls.append(1))  # its first sub-layer
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 33))
     model(tokens[:, :-1], targets=tokens[:, 1:]).backward()

@@ -1,7 +1,10 @@
 """Model families, their named sizes ("flavors"), and building a model from a config.
 
-Each family lives in its own folder (`llama/`, `gpt2/`) as one readable model file plus a flavor
-table. `FAMILIES` below is the whole registry: family name -> (config class, model class, flavors).
+Each family lives in its own folder (`llama/`, `gpt2/`): one readable model file, a flavor table,
+and `parallelize.py`, which names the modules the parallel code applied from outside needs to know
+(blocks, pipeline stages, tensor-parallel plan). The folder's `SPEC` (a `FamilySpec`, see spec.py)
+puts them together, and `FAMILIES` below is the whole registry: adding a family is adding a folder
+and one line there.
 """
 
 from __future__ import annotations
@@ -11,40 +14,74 @@ import dataclasses
 import torch
 from torch import nn
 
+from lmforge.models import gpt2, llama
 from lmforge.models.gpt2.flavors import FLAVORS as GPT2_FLAVORS
 from lmforge.models.gpt2.model import GPT2, GPT2Config
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.llama.flavors import FLAVORS as LLAMA_FLAVORS
 from lmforge.models.llama.model import Llama, LlamaConfig
+from lmforge.models.spec import FamilySpec
 
-ModelConfig = LlamaConfig | GPT2Config
-
-FAMILIES: dict[str, tuple[type, type[nn.Module], dict]] = {
-    "llama": (LlamaConfig, Llama, LLAMA_FLAVORS),
-    "gpt2": (GPT2Config, GPT2, GPT2_FLAVORS),
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": llama.SPEC,
+    "gpt2": gpt2.SPEC,
 }
 
+# The config of any family, for type hints (a type checker needs the classes spelled out; a test
+# checks that they are those of FAMILIES). Not lmforge.config.ModelConfig, the run config's section.
+FamilyConfig = LlamaConfig | GPT2Config
+# The model of any family, for type hints (spelled out and checked against FAMILIES the same way).
+# A pipeline stage is one too: a pruned copy of the model, of the same class.
+FamilyModel = Llama | GPT2
 
-def model_config(family: str, flavor: str, **overrides: object) -> LlamaConfig | GPT2Config:
+
+def family_spec(name: str) -> FamilySpec:
+    """The spec of the family called `name` ("llama")."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def spec_of(model_or_cfg: nn.Module | FamilyConfig) -> FamilySpec:
+    """The spec of the family of a model, a pipeline stage of one, or a model config.
+
+    isinstance, not type(): FSDP2's fully_shard swaps a model's class for a subclass (FSDPLlama).
+    """
+    for spec in FAMILIES.values():
+        if isinstance(model_or_cfg, (spec.model, spec.config)):
+            return spec
+    raise ValueError(
+        f"{type(model_or_cfg).__name__} is neither a model nor a config of a model family; "
+        f"families: {sorted(FAMILIES)}"
+    )
+
+
+def blocks(model: nn.Module) -> nn.ModuleDict:
+    """The transformer blocks of a model or pipeline stage, keyed by global layer index ("0", ...).
+
+    A pipeline stage holds only its own blocks, under the names they have in the full model.
+    """
+    return getattr(model, spec_of(model).blocks)
+
+
+def model_config(family: str, flavor: str, **overrides: object) -> FamilyConfig:
     """The config of a named flavor, with `overrides` replacing fields; the table is not modified.
 
     `__post_init__` validation runs again on the result. Derived fields keep the flavor's resolved
     value unless overridden: e.g. overriding a Llama `dim` keeps the flavor's `ffn_hidden`; pass
     `ffn_hidden=None` to derive it again from the new `dim`.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
-    config_cls, _, flavors = FAMILIES[family]
-    if flavor not in flavors:
-        raise ValueError(f"unknown {family} flavor {flavor!r}; choose one of {list(flavors)}")
-    field_names = [f.name for f in dataclasses.fields(config_cls)]
+    spec = family_spec(family)
+    if flavor not in spec.flavors:
+        raise ValueError(f"unknown {family} flavor {flavor!r}; choose one of {list(spec.flavors)}")
+    field_names = [f.name for f in dataclasses.fields(spec.config)]
     unknown = sorted(set(overrides) - set(field_names))
     if unknown:
-        raise ValueError(f"unknown {config_cls.__name__} field(s) {unknown}; fields are {field_names}")
-    return dataclasses.replace(flavors[flavor], **overrides)  # a new object; runs __post_init__
+        raise ValueError(f"unknown {spec.config.__name__} field(s) {unknown}; fields are {field_names}")
+    return dataclasses.replace(spec.flavors[flavor], **overrides)  # a new object; runs __post_init__
 
 
-def build_model(cfg: LlamaConfig | GPT2Config, device: str | torch.device = "cpu") -> nn.Module:
+def build_model(cfg: FamilyConfig, device: str | torch.device = "cpu") -> FamilyModel:
     """Build the model for `cfg` on `device`, with weights initialised (see the model's init_weights).
 
     The modules are always created on the meta device first, so no memory is spent on PyTorch's
@@ -52,13 +89,14 @@ def build_model(cfg: LlamaConfig | GPT2Config, device: str | torch.device = "cpu
     allocated at all: use that to count parameters or to shard a large model before materialising
     it with `model.to_empty(device=...)` and `model.init_weights()`.
     """
-    model_cls = next((m for c, m, _ in FAMILIES.values() if type(cfg) is c), None)
-    if model_cls is None:
+    spec = next((s for s in FAMILIES.values() if type(cfg) is s.config), None)
+    if spec is None:
         raise ValueError(
             f"no model family has config type {type(cfg).__name__}; families: {sorted(FAMILIES)}"
         )
     with torch.device("meta"):
-        model = model_cls(cfg)
+        model = spec.model(cfg)
+    assert isinstance(model, FamilyModel)  # FamilySpec.model is only typed type[nn.Module]
     if torch.device(device).type != "meta":
         model.to_empty(device=device)
         model.init_weights()
@@ -71,10 +109,15 @@ __all__ = [
     "GPT2_FLAVORS",
     "KVCache",
     "LLAMA_FLAVORS",
+    "FamilyConfig",
+    "FamilyModel",
+    "FamilySpec",
     "GPT2Config",
     "Llama",
     "LlamaConfig",
-    "ModelConfig",
+    "blocks",
     "build_model",
+    "family_spec",
     "model_config",
+    "spec_of",
 ]

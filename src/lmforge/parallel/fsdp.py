@@ -10,13 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of either family (`layers` in llama, `h` in gpt2)."""
-    blocks = model.layers if hasattr(model, "layers") else model.h
-    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
+from lmforge.models import blocks
 
 
 def apply_fsdp(
@@ -33,14 +29,20 @@ def apply_fsdp(
     reduce_dtype: the dtype gradients are reduce-scattered in (fp32 keeps the sum exact enough).
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    kwargs = {"mesh": dp_mesh, "mp_policy": policy}
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    blocks = transformer_blocks(model)
-    for i, block in enumerate(blocks):
+    # OffloadPolicy() is fully_shard's default: no offloading.
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    model_blocks = list(blocks(model).values())
+    for i, block in enumerate(model_blocks):
         # The last block's parameters are needed again at once by backward: keeping them gathered
         # saves one all-gather per step.
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+        last = i == len(model_blocks) - 1
+        fully_shard(
+            block,
+            mesh=dp_mesh,
+            reshard_after_forward=reshard_after_forward and not last,
+            mp_policy=policy,
+            offload_policy=offload,
+        )
     # The root (embeddings, final norm, head) keeps its parameters gathered after forward: backward
     # starts with the head at once, so resharding would only buy a second all-gather of it.
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)

@@ -44,8 +44,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,56 +52,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
-from lmforge.models.gpt2.model import GPT2
-from lmforge.models.llama.model import Llama
+from lmforge.models import blocks, spec_of
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Where each family keeps its blocks, its first-stage and its last-stage modules
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _StageLayout:
-    layers: str  # the nn.ModuleDict of blocks, keyed "0".."n_layers-1"
-    first: tuple[str, ...]  # modules only the first stage runs (embeddings)
-    last: tuple[str, ...]  # modules only the last stage runs (final norm, output head)
-    embedding: str  # the input embedding module ...
-    head: str  # ... and the output head, which share their weight when the model ties them
-    ties_embeddings: Callable[[Any], bool]  # cfg -> whether embedding and head share a weight
-
-
-_LAYOUTS: dict[type[nn.Module], _StageLayout] = {
-    Llama: _StageLayout(
-        layers="layers",
-        first=("tok_embeddings",),
-        last=("norm", "output"),
-        embedding="tok_embeddings",
-        head="output",
-        ties_embeddings=lambda cfg: cfg.tie_embeddings,
-    ),
-    GPT2: _StageLayout(
-        layers="h",
-        first=("wte", "wpe"),
-        last=("ln_f", "lm_head"),
-        embedding="wte",
-        head="lm_head",
-        ties_embeddings=lambda cfg: True,  # GPT-2 always ties wte and lm_head
-    ),
-}
-
-
-def _layout(model: nn.Module) -> _StageLayout:
-    # isinstance, not type(): FSDP2's fully_shard swaps a stage's class for a subclass (FSDPLlama).
-    layout = next((layout for cls, layout in _LAYOUTS.items() if isinstance(model, cls)), None)
-    if layout is None:
-        raise ValueError(
-            f"pipeline parallelism does not know how to split {type(model).__name__}; "
-            f"it splits {sorted(cls.__name__ for cls in _LAYOUTS)}"
-        )
-    return layout
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,18 +158,18 @@ def stage_module(model: nn.Module, stage_index: int, n_stages: int) -> nn.Module
     """
     if not 0 <= stage_index < n_stages:
         raise ValueError(f"stage_index {stage_index} is not in [0, {n_stages})")
-    layout = _layout(model)
-    layers = getattr(model, layout.layers)
+    spec = spec_of(model)
+    layers = blocks(model)
     keep_layers = {str(i) for i in _stage_layer_range(len(layers), n_stages, stage_index)}
-    dropped = [name for name in layout.first if stage_index != 0]
-    dropped += [name for name in layout.last if stage_index != n_stages - 1]
+    dropped = [name for name in spec.stages.first if stage_index != 0]
+    dropped += [name for name in spec.stages.last if stage_index != n_stages - 1]
     dropped_modules = [getattr(model, name) for name in dropped]
     dropped_modules += [layer for name, layer in layers.items() if name not in keep_layers]
 
     # Pre-seed deepcopy's memo with None for the tensors of the modules this stage drops, so that
     # they are not copied only to be deleted (a full copy per stage would need a whole model's
     # memory each). A tensor also used by a kept module (a tied weight) is copied.
-    kept = {id(t) for name, t in _tensors(model) if not _is_under(name, dropped, layout.layers, keep_layers)}
+    kept = {id(t) for name, t in _tensors(model) if not _is_under(name, dropped, spec.blocks, keep_layers)}
     memo: dict[int, object] = {}
     for module in dropped_modules:
         for _, t in _tensors(module):
@@ -226,7 +177,7 @@ def stage_module(model: nn.Module, stage_index: int, n_stages: int) -> nn.Module
                 memo[id(t)] = None
     stage = copy.deepcopy(model, memo)
 
-    stage_layers = getattr(stage, layout.layers)
+    stage_layers = blocks(stage)
     for name in list(stage_layers.keys()):
         if name not in keep_layers:
             del stage_layers[name]
@@ -261,10 +212,9 @@ def build_pipeline_stages(
     sync_tied_embedding_grads after each backward to keep them equal.
     Each stage's input and output shapes are inferred from the first microbatch at runtime.
     """
-    layout = _layout(model)
     pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     n_stages = pp_size * stages_per_rank
-    n_layers = len(getattr(model, layout.layers))
+    n_layers = len(blocks(model))
     if stages_per_rank < 1 or n_stages > n_layers:
         raise ValueError(
             f"pp * stages_per_rank = {pp_size} * {stages_per_rank} stages do not fit {n_layers} layers: "
@@ -292,7 +242,9 @@ def build_schedule(
     with a mean loss_fn the gradients are those of the whole batch's mean loss.
     """
     if schedule == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=True)
+        # list(): torch annotates list[_PipelineStageBase], which a list[PipelineStage] is not
+        # (lists are invariant); a new list of the same stages is.
+        return ScheduleInterleaved1F1B(list(stages), n_microbatches, loss_fn=loss_fn, scale_grads=True)
     if schedule in ("gpipe", "1f1b"):
         if len(stages) != 1:
             raise ValueError(f"the {schedule} schedule runs one stage per rank, got {len(stages)}")
@@ -317,12 +269,12 @@ def build_schedule(
 
 def _tied_pair(stage_modules: list[nn.Module]) -> tuple[nn.Parameter | None, nn.Parameter | None]:
     """(embedding weight, head weight) of the copies this rank holds; (None, None) if untied."""
-    layout = _layout(stage_modules[0])
+    layout = spec_of(stage_modules[0]).stages
     if not layout.ties_embeddings(stage_modules[0].cfg):
         return None, None
-    embedding = next((m.get_submodule(layout.embedding).weight for m in stage_modules
+    embedding = next((m.get_parameter(f"{layout.embedding}.weight") for m in stage_modules
                       if getattr(m, layout.embedding) is not None), None)  # fmt: skip
-    head = next((m.get_submodule(layout.head).weight for m in stage_modules
+    head = next((m.get_parameter(f"{layout.head}.weight") for m in stage_modules
                  if getattr(m, layout.head) is not None), None)  # fmt: skip
     return embedding, head
 
@@ -345,13 +297,17 @@ def sync_tied_embedding_grads(stage_modules: list[nn.Module], pp_mesh: DeviceMes
     if embedding is head:  # both None (untied, or a middle rank), or one stage holds both
         return
     if embedding is not None and head is not None:  # first and last stage on this rank (pp == 1)
+        assert embedding.grad is not None and head.grad is not None  # called after backward
         total = _local(embedding.grad) + _local(head.grad)
         _local(embedding.grad).copy_(total)
         _local(head.grad).copy_(total)
         return
     # The first stage is on pp rank 0, the last on pp rank pp - 1: swap the gradients and add.
     group = pp_mesh.get_group()
-    mine = _local(embedding.grad if embedding is not None else head.grad)
+    weight = embedding if embedding is not None else head
+    # Not both None: that returned above (embedding is head). Called after backward: a gradient.
+    assert weight is not None and weight.grad is not None
+    mine = _local(weight.grad)
     peer = dist.get_global_rank(group, pp_mesh.size() - 1 if embedding is not None else 0)
     theirs = torch.empty_like(mine)
     ops = [dist.P2POp(dist.isend, mine, peer, group), dist.P2POp(dist.irecv, theirs, peer, group)]
@@ -394,7 +350,7 @@ def clip_grad_norm_(
     # The head's copy of a tied weight has the same (synced) gradient as the embedding's copy,
     # which is counted on the first stage.
     counted = [p for p in params if p is not head] if head is not embedding else params
-    norm = torch.nn.utils.get_total_norm([p.grad for p in counted], norm_type)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in counted if p.grad is not None], norm_type)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     if math.isinf(norm_type):

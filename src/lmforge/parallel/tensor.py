@@ -14,19 +14,20 @@ Everything is expressed with PyTorch's DTensor tensor-parallel styles (`parallel
 `ColwiseParallel`, `RowwiseParallel`, `SequenceParallel`, `PrepareModuleInput`); the model files only
 reshape attention with `-1` heads so that they run unchanged on a rank's local heads.
 
-What each module gets (act = Shard(1), the sequence dim, with sequence parallelism, else Replicate()):
+What each module gets, by the kind the family's plan gives it (lmforge.models.<family>.parallelize;
+act = Shard(1), the sequence dim, with sequence parallelism, else Replicate()):
 
-    token embedding (tok_embeddings / wte)   RowwiseParallel: vocab rows sharded, output in `act`
-    GPT-2 position embedding (wpe)           RowwiseParallel: positions sharded, output Shard(0) of
-                                             (T, dim) with SP (it lines up with the Shard(1) of
-                                             (B, T, dim) token embeddings it is added to), else Replicate
-    norms (RMSNorm / LayerNorm)              SequenceParallel with SP, else replicated (ReplicateParallel)
-    attention / MLP input                    PrepareModuleInput: all-gather `act` -> Replicate (SP only)
-    wq, wk, wv / c_attn; w1, w3 / c_fc       ColwiseParallel: output heads / hidden units sharded
-    wo / attn.c_proj; w2 / mlp.c_proj        RowwiseParallel: output reduced (-scattered) into `act`
-    output head (output / lm_head)           ColwiseParallel, output Replicate: every rank gets the
-                                             full logits as a plain tensor
-    Llama RoPE tables (buffers)              untouched: plain tensors, the same on every rank
+    embedding            RowwiseParallel: vocab rows sharded, output in `act`
+    position_embedding   RowwiseParallel: positions sharded (GPT-2's wpe), output Shard(0) of (T, dim)
+                         with SP (it lines up with the Shard(1) of (B, T, dim) token embeddings it
+                         is added to), else Replicate
+    norm                 SequenceParallel with SP, else replicated (ReplicateParallel)
+    GatherInput          PrepareModuleInput on attention / MLP: all-gather `act` -> Replicate (SP only)
+    colwise              ColwiseParallel: output heads / hidden units sharded (q, k, v; up, gate)
+    rowwise              RowwiseParallel: output reduced (-scattered) into `act` (attention output, down)
+    head                 ColwiseParallel, output Replicate: every rank gets the full logits as a
+                         plain tensor
+    anything else        untouched (Llama's RoPE tables: plain tensors, the same on every rank)
 
 Every parameter becomes a DTensor on the TP mesh (sharded, or replicated for norms and rowwise
 biases), so one optimizer, `clip_grad_norm_` and torch.distributed.checkpoint treat them alike.
@@ -49,6 +50,7 @@ a rank computes only its own); dropout > 0 gives masks that differ from a single
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -63,26 +65,20 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lmforge.models.gpt2.model import GPT2, GPT2Config
-from lmforge.models.llama.model import Llama, LlamaConfig
+from lmforge.models import FamilyConfig, FamilyModel, blocks, spec_of
+from lmforge.models.spec import GatherInput, TensorParallelKind
 
 
-def validate_tp(model_cfg: LlamaConfig | GPT2Config, tp: int) -> None:
+def validate_tp(model_cfg: FamilyConfig, tp: int) -> None:
     """Raise ValueError, naming the config field, if `tp` cannot split the model evenly.
 
-    Heads must not be split across ranks (n_heads, and Llama's n_kv_heads, divisible by tp); the
-    matmul widths (dim, Llama's ffn_hidden; GPT-2's 4 * dim follows from dim) must split evenly.
-    The vocabulary may split unevenly (DTensor pads the last shard).
+    The fields are the family's `tp_divisible` (lmforge.models.<family>.parallelize): heads must not
+    be split across ranks, and the matmul widths must split evenly. The vocabulary may split
+    unevenly (DTensor pads the last shard).
     """
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive int, got {tp!r}")
-    if isinstance(model_cfg, LlamaConfig):
-        fields = ("n_heads", "n_kv_heads", "dim", "ffn_hidden")
-    elif isinstance(model_cfg, GPT2Config):
-        fields = ("n_heads", "dim")
-    else:
-        raise ValueError(f"tensor parallelism has no plan for {type(model_cfg).__name__}")
-    for field in fields:
+    for field in spec_of(model_cfg).tp_divisible:
         value = getattr(model_cfg, field)
         if value % tp != 0:
             raise ValueError(
@@ -92,7 +88,7 @@ def validate_tp(model_cfg: LlamaConfig | GPT2Config, tp: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
-    """Shard `model` (a Llama or GPT2, weights materialised) in place over the 1-D mesh `tp_mesh`.
+    """Shard `model` (a model of any family, weights materialised) in place over the 1-D mesh `tp_mesh`.
 
     Afterwards every parameter is a DTensor (`param.full_tensor()` gathers one), `model(idx)` takes
     the full (B, T) token ids on every rank and returns the full logits (B, T, vocab) as a plain
@@ -101,14 +97,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim} dims")
     tp = tp_mesh.size()
-    if isinstance(model, Llama):
-        validate_tp(model.cfg, tp)
-        _parallelize_llama(model, tp_mesh, sequence_parallel)
-    elif isinstance(model, GPT2):
-        validate_tp(model.cfg, tp)
-        _parallelize_gpt2(model, tp_mesh, sequence_parallel)
-    else:
+    if not isinstance(model, FamilyModel):  # any family's model or pipeline stage
         raise TypeError(f"tensor parallelism has no plan for {type(model).__name__}")
+    spec = spec_of(model)
+    validate_tp(model.cfg, tp)
+
+    root_plan = _styles(spec.tp_plan.root, sequence_parallel)
+    # Modules may be None on a pipeline stage that does not hold them.
+    root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
+    parallelize_module(model, tp_mesh, root_plan)
+    layout = spec.stages
+    _retie(model, layout.embedding, layout.head, tied=layout.ties_embeddings(model.cfg))
+
+    for block in blocks(model).values():
+        parallelize_module(block, tp_mesh, _styles(spec.tp_plan.block, sequence_parallel))
     if sequence_parallel:
         model.register_forward_pre_hook(_require_seq_len_divisible_by(tp))
 
@@ -122,8 +124,13 @@ class ReplicateParallel(ParallelStyle):
     """
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        # torch annotates input_fn/output_fn as returning None, but uses what they return as the
+        # module's new inputs/outputs (as its own parallel styles do).
         return distribute_module(
-            module, device_mesh, input_fn=self._replicate_input, output_fn=self._local_output
+            module,
+            device_mesh,
+            input_fn=self._replicate_input,  # type: ignore[arg-type]  # see above
+            output_fn=self._local_output,  # type: ignore[arg-type]  # see above
         )
 
     @staticmethod
@@ -138,91 +145,47 @@ class ReplicateParallel(ParallelStyle):
         return output.to_local()
 
 
-def _norm_style(sequence_parallel: bool) -> ParallelStyle:
-    return SequenceParallel() if sequence_parallel else ReplicateParallel()
+def _styles(
+    plan: Mapping[str, TensorParallelKind | GatherInput], sequence_parallel: bool
+) -> dict[str, ParallelStyle]:
+    """The DTensor style of each module a family's plan names, in the plan's order (new objects)."""
+    styles = {name: _style(kind, sequence_parallel) for name, kind in plan.items()}
+    return {name: style for name, style in styles.items() if style is not None}
 
 
-def _gather_input(sequence_parallel: bool, n_other_inputs: int) -> dict[str, ParallelStyle]:
+def _style(kind: TensorParallelKind | GatherInput, sequence_parallel: bool) -> ParallelStyle | None:
+    act: Placement = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
+    if isinstance(kind, GatherInput):
+        return _gather_input(sequence_parallel, kind.n_other_inputs)
+    if kind == "embedding":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=act)
+    if kind == "position_embedding":
+        # A position embedding's output (T, dim) is added to the (B, T, dim) token embeddings: with
+        # SP it must hold the same sequence chunk, which is Shard(0) of (T, dim).
+        return RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(0) if sequence_parallel else act
+        )
+    if kind == "norm":
+        return SequenceParallel() if sequence_parallel else ReplicateParallel()
+    if kind == "colwise":
+        return ColwiseParallel()
+    if kind == "rowwise":
+        return RowwiseParallel(output_layouts=act)
+    if kind == "head":
+        return ColwiseParallel(input_layouts=act, output_layouts=Replicate(), use_local_output=True)
+    raise ValueError(f"unknown tensor-parallel kind {kind!r}")
+
+
+def _gather_input(sequence_parallel: bool, n_other_inputs: int) -> ParallelStyle | None:
     """With SP, all-gather a sub-block's first input (its sequence shard) into the full sequence.
 
     The other positional inputs (RoPE tables, input_pos) pass through untouched. Without SP the
     input is already replicated and the colwise layers take it as it is.
     """
     if not sequence_parallel:
-        return {}
+        return None
     others = (None,) * n_other_inputs
-    return {
-        "": PrepareModuleInput(
-            input_layouts=(Shard(1), *others), desired_input_layouts=(Replicate(), *others)
-        )
-    }
-
-
-def _prefixed(prefix: str, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
-    return {(f"{prefix}.{name}" if name else prefix): style for name, style in plan.items()}
-
-
-def _parallelize_llama(model: Llama, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    act: Placement = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
-    root_plan: dict[str, ParallelStyle] = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=act),
-        "norm": _norm_style(sequence_parallel),
-        "output": ColwiseParallel(input_layouts=act, output_layouts=Replicate(), use_local_output=True),
-    }
-    # Modules may be None on a pipeline stage that does not hold them.
-    root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
-    parallelize_module(model, tp_mesh, root_plan)
-    _retie(model, "tok_embeddings", "output", tied=model.cfg.tie_embeddings)
-
-    for _, block in model.layers.named_children():
-        block_plan = {
-            "attention_norm": _norm_style(sequence_parallel),
-            # Attention.forward(x, rope_cos, rope_sin, input_pos): gather x only.
-            **_prefixed("attention", _gather_input(sequence_parallel, n_other_inputs=3)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=act),
-            "ffn_norm": _norm_style(sequence_parallel),
-            **_prefixed("feed_forward", _gather_input(sequence_parallel, n_other_inputs=0)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=act),
-        }
-        parallelize_module(block, tp_mesh, block_plan)
-
-
-def _parallelize_gpt2(model: GPT2, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    act: Placement = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
-    root_plan: dict[str, ParallelStyle] = {
-        "wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=act),
-        # wpe(positions) is (T, dim), added to the (B, T, dim) token embeddings: with SP it must hold
-        # the same sequence chunk, which is Shard(0) of (T, dim).
-        "wpe": RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Shard(0) if sequence_parallel else act
-        ),
-        "ln_f": _norm_style(sequence_parallel),
-        "lm_head": ColwiseParallel(input_layouts=act, output_layouts=Replicate(), use_local_output=True),
-    }
-    root_plan = {name: style for name, style in root_plan.items() if getattr(model, name, None) is not None}
-    parallelize_module(model, tp_mesh, root_plan)
-    _retie(model, "wte", "lm_head", tied=True)
-
-    for _, block in model.h.named_children():
-        block_plan = {
-            "ln_1": _norm_style(sequence_parallel),
-            # CausalSelfAttention.forward(x, input_pos): gather x only.
-            **_prefixed("attn", _gather_input(sequence_parallel, n_other_inputs=1)),
-            # c_attn's rows are interleaved per head (see the GPT-2 model file), so a contiguous
-            # row shard holds whole heads with their q, k and v. Its bias is sharded the same way.
-            "attn.c_attn": ColwiseParallel(),
-            "attn.c_proj": RowwiseParallel(output_layouts=act),  # bias replicated, added once
-            "ln_2": _norm_style(sequence_parallel),
-            **_prefixed("mlp", _gather_input(sequence_parallel, n_other_inputs=0)),
-            "mlp.c_fc": ColwiseParallel(),
-            "mlp.c_proj": RowwiseParallel(output_layouts=act),
-        }
-        parallelize_module(block, tp_mesh, block_plan)
+    return PrepareModuleInput(input_layouts=(Shard(1), *others), desired_input_layouts=(Replicate(), *others))
 
 
 def _retie(model: nn.Module, embedding_name: str, head_name: str, tied: bool) -> None:

@@ -36,12 +36,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from torch import nn
-
-from lmforge.models import build_model
-from lmforge.models.gpt2.model import GPT2Config
-from lmforge.models.llama.model import LlamaConfig, RMSNorm
-from lmforge.parallel.fsdp import transformer_blocks
+from lmforge.models import FamilyConfig, blocks, build_model, spec_of
+from lmforge.models.spec import TensorParallelPlan
 from lmforge.parallel.mesh import ParallelDims
 from lmforge.parallel.pipeline import split_points, validate_pp
 from lmforge.parallel.tensor import validate_tp
@@ -122,7 +118,7 @@ class CommVolume:
 
 
 def comm_per_step(
-    model_cfg: LlamaConfig | GPT2Config,
+    model_cfg: FamilyConfig,
     dims: ParallelDims,
     micro_batch_size: int,
     seq_len: int,
@@ -222,51 +218,57 @@ def _validate(model_cfg, dims: ParallelDims, micro_batch_size: int, seq_len: int
 class _FamilyPlan:
     first: tuple[str, ...]  # root modules only the first pipeline stage holds
     last: tuple[str, ...]  # root modules only the last pipeline stage holds
+    embedding: str  # the input embedding, whose weight a tied head shares
     tp_shard_dim: dict[str, int]  # parameter name (in a block: relative to it) -> dim TP splits
+    norms: frozenset[str]  # norm modules (in a block: relative to it), replicated under TP
     position_embedding: str | None  # a (max_seq_len, dim) table added to the token embeddings
     tied: bool
+    n_rowwise: int  # rowwise linears per block: one per sub-block, whose output TP reduces
+    n_colwise: int  # colwise linears per block: each takes an input whose gradient TP reduces
+
+    def is_norm(self, param_name: str) -> bool:
+        """Whether the parameter (in a block: named relative to it) is a norm's weight or bias."""
+        return param_name.rpartition(".")[0] in self.norms
 
 
-# Mirrors lmforge.parallel.tensor's plans (colwise: dim 0 of the (out, in) weight; rowwise: dim 1;
-# embeddings: vocab rows) and lmforge.parallel.pipeline's stage layouts.
-def _family_plan(cfg: LlamaConfig | GPT2Config) -> _FamilyPlan:
-    if isinstance(cfg, LlamaConfig):
-        return _FamilyPlan(
-            first=("tok_embeddings",),
-            last=("norm", "output"),
-            tp_shard_dim={
-                "attention.wq.weight": 0,
-                "attention.wk.weight": 0,
-                "attention.wv.weight": 0,
-                "attention.wo.weight": 1,
-                "feed_forward.w1.weight": 0,
-                "feed_forward.w3.weight": 0,
-                "feed_forward.w2.weight": 1,
-                "tok_embeddings.weight": 0,
-                "output.weight": 0,
-            },
-            position_embedding=None,
-            tied=cfg.tie_embeddings,
-        )
-    if isinstance(cfg, GPT2Config):
-        return _FamilyPlan(
-            first=("wte", "wpe"),
-            last=("ln_f", "lm_head"),
-            tp_shard_dim={
-                "attn.c_attn.weight": 0,
-                "attn.c_attn.bias": 0,
-                "attn.c_proj.weight": 1,
-                "mlp.c_fc.weight": 0,
-                "mlp.c_fc.bias": 0,
-                "mlp.c_proj.weight": 1,
-                "wte.weight": 0,
-                "wpe.weight": 0,
-                "lm_head.weight": 0,
-            },
-            position_embedding="wpe",
-            tied=True,
-        )
-    raise ValueError(f"no communication model for {type(cfg).__name__}")
+# The dim of a module's (out, in) weight that each kind of a family's tensor-parallel plan splits
+# (lmforge.parallel.tensor): colwise by output rows, rowwise by input columns, the embeddings by
+# vocab (or position) rows, the head colwise by vocab rows. Norms are replicated.
+_WEIGHT_SHARD_DIM = {"colwise": 0, "rowwise": 1, "embedding": 0, "position_embedding": 0, "head": 0}
+_BIAS_SHARDED = ("colwise", "head")  # a rowwise bias is replicated, added once
+
+
+def _tp_shard_dims(plan: TensorParallelPlan) -> dict[str, int]:
+    dims = {}
+    for entries in (plan.root, plan.block):
+        for module, kind in entries.items():
+            if isinstance(kind, str) and kind in _WEIGHT_SHARD_DIM:
+                dims[f"{module}.weight"] = _WEIGHT_SHARD_DIM[kind]
+                if kind in _BIAS_SHARDED:
+                    dims[f"{module}.bias"] = 0
+    return dims
+
+
+def _family_plan(cfg: FamilyConfig) -> _FamilyPlan:
+    """What the family's spec says about where its parameters live and how TP splits them."""
+    spec = spec_of(cfg)
+    plan, layout = spec.tp_plan, spec.stages
+    block_kinds = list(plan.block.values())
+    return _FamilyPlan(
+        first=layout.first,
+        last=layout.last,
+        embedding=layout.embedding,
+        tp_shard_dim=_tp_shard_dims(plan),
+        norms=frozenset(
+            name for entries in (plan.root, plan.block) for name, kind in entries.items() if kind == "norm"
+        ),
+        position_embedding=next(
+            (name for name, kind in plan.root.items() if kind == "position_embedding"), None
+        ),
+        tied=layout.ties_embeddings(cfg),
+        n_rowwise=block_kinds.count("rowwise"),
+        n_colwise=block_kinds.count("colwise"),
+    )
 
 
 @dataclass(frozen=True)
@@ -274,14 +276,14 @@ class _Param:
     name: str  # in a block: relative to the block ("attention.wq.weight"); else the full name
     shape: tuple[int, ...]
     block: int | None  # the transformer block holding it; None: a root parameter
-    root_module: str | None  # the root module holding it ("tok_embeddings"); None in a block
+    root_module: str | None  # the root module holding it (an embedding, the head); None in a block
     is_norm: bool  # a norm's weight or bias (replicated under TP)
     tensor_id: int  # tied names share it
 
 
 @dataclass(frozen=True)
 class _Inventory:
-    cfg: LlamaConfig | GPT2Config
+    cfg: FamilyConfig
     plan: _FamilyPlan
     params: tuple[_Param, ...]  # every name, tied ones twice
     buffer_bytes: int  # of the whole model (a pipeline stage copy keeps all of them)
@@ -290,21 +292,18 @@ class _Inventory:
     vocab_size: int
 
     @classmethod
-    def of(cls, cfg: LlamaConfig | GPT2Config) -> _Inventory:
+    def of(cls, cfg: FamilyConfig) -> _Inventory:
         key = repr(cfg)  # configs are mutable dataclasses, not hashable; their repr lists every field
         if key not in _INVENTORIES:
             _INVENTORIES[key] = cls._build(cfg)
         return _INVENTORIES[key]
 
     @classmethod
-    def _build(cls, cfg: LlamaConfig | GPT2Config) -> _Inventory:
+    def _build(cls, cfg: FamilyConfig) -> _Inventory:
         plan = _family_plan(cfg)
         model = build_model(cfg, "meta")  # shapes only, nothing allocated
-        norm_ids = {
-            id(p) for m in model.modules() if isinstance(m, (RMSNorm, nn.LayerNorm)) for p in m.parameters()
-        }
         # In registration order, which DDP's buckets follow (reversed: the order gradients are ready).
-        block_index = {id(block): i for i, block in enumerate(transformer_blocks(model))}
+        block_index = {id(block): i for i, block in enumerate(blocks(model).values())}
         block_of = {
             f"{name}.": block_index[id(m)] for name, m in model.named_modules() if id(m) in block_index
         }
@@ -312,11 +311,12 @@ class _Inventory:
         for name, p in model.named_parameters(remove_duplicate=False):
             prefix = next((pre for pre in block_of if name.startswith(pre)), None)
             if prefix is not None:
-                params.append(_Param(name.removeprefix(prefix), tuple(p.shape), block_of[prefix], None,
-                                     id(p) in norm_ids, id(p)))  # fmt: skip
+                in_block = name.removeprefix(prefix)
+                params.append(_Param(in_block, tuple(p.shape), block_of[prefix], None,
+                                     plan.is_norm(in_block), id(p)))  # fmt: skip
             elif name.split(".")[0] in plan.first + plan.last:
                 params.append(
-                    _Param(name, tuple(p.shape), None, name.split(".")[0], id(p) in norm_ids, id(p))
+                    _Param(name, tuple(p.shape), None, name.split(".")[0], plan.is_norm(name), id(p))
                 )
         n_named = sum(1 for _ in model.named_parameters(remove_duplicate=False))
         if len(params) != n_named:
@@ -355,9 +355,7 @@ class _Inventory:
 
     def tp_counts(self) -> tuple[int, int]:
         """(rowwise, colwise) linears per block: sub-blocks, and inputs whose gradient TP reduces."""
-        block_dims = [d for name, d in self.plan.tp_shard_dim.items()
-                      if name.endswith(".weight") and name.split(".")[0] not in self.plan.first + self.plan.last]  # fmt: skip
-        return block_dims.count(1), block_dims.count(0)
+        return self.plan.n_rowwise, self.plan.n_colwise
 
 
 _INVENTORIES: dict[str, _Inventory] = {}  # a planner sweeping layouts builds each meta model once
@@ -543,7 +541,7 @@ class _Step:
         inv, dims = self.inventory, self.dims
         if not inv.plan.tied or (0 in stages) == ((self.n_stages - 1) in stages):
             return
-        embedding = next(p for p in inv.params if p.root_module == inv.plan.first[0])
+        embedding = next(p for p in inv.params if p.root_module == inv.plan.embedding)
         tally.add(
             "pp", "p2p", inv.tp_local_numel(embedding, dims.tp, dims.dp_shard) // dims.dp_shard * MASTER_BYTES
         )

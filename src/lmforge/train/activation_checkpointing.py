@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.train.compile import transformer_blocks
+from lmforge import models
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: Literal["none", "selective", "full"]) -> int:
     """Checkpoint the blocks of `model` (a whole model or a pipeline stage); returns how many."""
     if mode == "none":
         return 0
-    blocks = transformer_blocks(model)
+    blocks = models.blocks(model)
     every = 1 if mode == "full" else 2
     count = 0
     for name, block in blocks.items():

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-
-HEAD_NAMES = ("output", "lm_head")
+from lmforge.models import spec_of
 
 
 def check_float8_device(device: torch.device) -> None:
@@ -36,15 +35,6 @@ def check_float8_device(device: torch.device) -> None:
         )
 
 
-def _float8_eligible(module: nn.Module, fqn: str) -> bool:
-    return (
-        isinstance(module, nn.Linear)
-        and fqn.rsplit(".", 1)[-1] not in HEAD_NAMES
-        and module.in_features % 16 == 0
-        and module.out_features % 16 == 0
-    )
-
-
 def apply_float8(model: nn.Module) -> int:
     """Swap the eligible nn.Linear layers of `model` for torchao's Float8Linear in place (before
     TP/FSDP and compile); returns how many were swapped."""
@@ -52,7 +42,19 @@ def apply_float8(model: nn.Module) -> int:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise ConfigError("config key 'train.float8' needs torchao: pip install torchao") from None
+    in_blocks = (
+        f"{spec_of(model).blocks}."  # the output head (and anything outside the blocks) stays as it is
+    )
+
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        return (
+            isinstance(module, nn.Linear)
+            and fqn.startswith(in_blocks)
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
     before = sum(isinstance(m, nn.Linear) for m in model.modules())
-    convert_to_float8_training(model, module_filter_fn=_float8_eligible, config=Float8LinearConfig())
+    convert_to_float8_training(model, module_filter_fn=eligible, config=Float8LinearConfig())
     after = sum(type(m) is nn.Linear for m in model.modules())
     return before - after

@@ -13,75 +13,26 @@ gathers again for backward, and a concatenation kept alive would hold them whole
 Tensor parallelism shards the matrices by rows, where a concatenation would interleave the shards:
 the two do not combine. GPT-2 blocks already hold one `c_attn` matrix for q, k and v, and their
 MLP has no gate: nothing to fuse.
+
+The kernel is lmforge.ops.stacked_linear; the fused modules are the family's
+(lmforge.models.llama.fused), listed in its FamilySpec.fused_modules.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from lmforge.models.llama.model import Attention, FeedForward
-
-
-class StackedLinear(torch.autograd.Function):
-    """x @ cat(w0, w1[, w2]).T as one matmul, in the autocast dtype when autocast is on (as nn.Linear).
-
-    Saves x (cast) and the weights themselves; backward concatenates the weights again. Written
-    here because autograd would otherwise keep the concatenated copy from forward to backward.
-    The weights are named arguments, not *weights: Dynamo in torch 2.11 fails to trace a variadic
-    forward under no_grad (evaluation) once it has traced it with grad (tests/train/test_speed_switches).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w0: Tensor, w1: Tensor, w2: Tensor | None = None) -> Tensor:
-        weights = (w0, w1) if w2 is None else (w0, w1, w2)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        x_cast = x.to(dtype)
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(x_cast, *weights)
-        with torch.autocast(device, enabled=False):
-            return F.linear(x_cast, torch.cat(weights).to(dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x_cast, *weights = ctx.saved_tensors
-        grad_out = grad_out.to(x_cast.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ torch.cat(weights).to(x_cast.dtype)).to(ctx.x_dtype)  # (..., in)
-        grad_weight = grad_out.flatten(0, -2).mT @ x_cast.flatten(0, -2)  # (sum of outs, in)
-        grad_weights = [
-            g.to(w.dtype)
-            for g, w in zip(grad_weight.split([w.size(0) for w in weights]), weights, strict=True)
-        ]
-        return grad_x, *grad_weights, *([None] if len(weights) == 2 else [])
-
-
-class FusedQKVAttention(Attention):
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        qkv = StackedLinear.apply(x, self.wq.weight, self.wk.weight, self.wv.weight)  # (B, T, q + 2 kv)
-        return qkv.split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
-
-
-class FusedGateUpFeedForward(FeedForward):
-    def gated(self, x: Tensor) -> Tensor:
-        gate, up = StackedLinear.apply(x, self.w1.weight, self.w3.weight).chunk(
-            2, dim=-1
-        )  # (B, T, hidden) x 2
-        return F.silu(gate) * up
-
-
-_FUSED = {Attention: FusedQKVAttention, FeedForward: FusedGateUpFeedForward}
+from lmforge.models import spec_of
 
 
 def apply_fused_projections(model: nn.Module) -> int:
-    """Swap every Llama attention and feed-forward module of `model` (a whole model or a pipeline
-    stage) for its fused version, in place; returns how many were swapped (0 for GPT-2)."""
+    """Swap every module of `model` (a whole model or a pipeline stage) that its family has a fused
+    version of (FamilySpec.fused_modules: Llama's attention and feed-forward) for it, in place;
+    returns how many were swapped (0 for GPT-2)."""
+    fused_modules = spec_of(model).fused_modules
     count = 0
     for module in model.modules():
-        fused = _FUSED.get(type(module))
+        fused = fused_modules.get(type(module))
         if fused is not None:
             module.__class__ = fused  # same attributes and parameters, another forward
             count += 1

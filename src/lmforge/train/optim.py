@@ -19,6 +19,13 @@ from torch.distributed.tensor import DTensor
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, muon
 
 from lmforge.config import OptimConfig
+from lmforge.models import spec_of
+
+
+def _head(model: nn.Module) -> nn.Linear | None:
+    """The output head of a model or pipeline stage (None on a stage without it)."""
+    head = getattr(model, spec_of(model).stages.head)
+    return head if isinstance(head, nn.Linear) else None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,13 +33,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     # A head tied to the embedding is the embedding: on a pipeline stage that holds only the head
     # (its own copy), it must get the same treatment as the first stage's copy, or the two drift.
-    for head_name, tied in (
-        ("lm_head", True),
-        ("output", getattr(getattr(model, "cfg", None), "tie_embeddings", False)),
-    ):
-        head = getattr(model, head_name, None)
-        if tied and isinstance(head, nn.Linear):
-            embedding_params.add(id(head.weight))
+    head = _head(model)
+    if head is not None and spec_of(model).stages.ties_embeddings(model.cfg):
+        embedding_params.add(id(head.weight))
     decay, no_decay = [], []
     for param in model.parameters():  # tied weights appear once
         if not param.requires_grad:
@@ -106,11 +109,8 @@ class MuonAdamW(torch.optim.AdamW):
 def muon_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """The matrices inside the blocks (Muon), then the other decayed and the not decayed params (AdamW)."""
     decay, no_decay = param_groups(model, weight_decay)
-    heads = {
-        id(getattr(model, name).weight)
-        for name in ("lm_head", "output")
-        if getattr(model, name, None) is not None
-    }
+    head = _head(model)
+    heads = {id(head.weight)} if head is not None else set()
     hidden = [p for p in decay["params"] if p.ndim == 2 and id(p) not in heads]
     other = [p for p in decay["params"] if id(p) not in {id(h) for h in hidden}]
     return [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # Generation path: the queries sit at absolute positions input_pos and attend over the
             # whole preallocated cache; the mask hides future and not-yet-written slots.
+            assert input_pos is not None, "with a KV cache set up, forward needs input_pos"
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_heads, S_max, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.kv_cache.causal_mask(input_pos))
         # y: (B, n_heads, T, head_dim)
@@ -184,6 +186,11 @@ class GPT2(nn.Module):
         self.tie_weights()
         self.init_weights()
 
+    def _blocks(self) -> list[Block]:
+        """The transformer blocks in layer order (on a pipeline stage, only the stage's own)."""
+        # nn.ModuleDict types its values as nn.Module; self.h holds only Blocks.
+        return cast(list[Block], list(self.h.values()))
+
     def tie_weights(self) -> None:
         """Make lm_head use wte's weight: tied input/output embeddings (Press & Wolf 2017), as GPT-2.
 
@@ -205,7 +212,7 @@ class GPT2(nn.Module):
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
         nn.init.normal_(self.wpe.weight, mean=0.0, std=0.02)
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for block in self.h.values():
+        for block in self._blocks():
             block.init_weights(out_std)
         self.ln_f.reset_parameters()
 
@@ -258,14 +265,14 @@ class GPT2(nn.Module):
             )
         dtype = self.lm_head.weight.dtype if dtype is None else dtype
         device = self.lm_head.weight.device if device is None else device
-        for block in self.h.values():
+        for block in self._blocks():
             block.attn.kv_cache = KVCache(
                 batch_size, self.cfg.n_heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
             )
 
     def clear_kv_cache(self) -> None:
         """Drop the KV caches: forward is full causal attention again (training behaviour)."""
-        for block in self.h.values():
+        for block in self._blocks():
             block.attn.kv_cache = None
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

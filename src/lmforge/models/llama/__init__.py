@@ -1,0 +1,21 @@
+"""Llama: model.py (the model), flavors.py (named sizes), parallelize.py (its modules as the
+parallel code needs them). SPEC is the family's entry in lmforge.models.FAMILIES."""
+
+from __future__ import annotations
+
+from lmforge.models.llama import fused, parallelize
+from lmforge.models.llama.flavors import FLAVORS
+from lmforge.models.llama.model import Llama, LlamaConfig
+from lmforge.models.spec import FamilySpec
+
+SPEC = FamilySpec(
+    name="llama",
+    config=LlamaConfig,
+    model=Llama,
+    flavors=FLAVORS,
+    blocks=parallelize.BLOCKS,
+    stages=parallelize.STAGES,
+    tp_plan=parallelize.TP_PLAN,
+    tp_divisible=parallelize.TP_DIVISIBLE,
+    fused_modules=fused.FUSED,
+)

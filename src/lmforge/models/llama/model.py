@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,7 @@ class Attention(nn.Module):
         else:
             # Generation path: the queries sit at absolute positions input_pos and attend over the
             # whole preallocated cache; the mask hides future and not-yet-written slots.
+            assert input_pos is not None, "with a KV cache set up, forward needs input_pos"
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S_max, head_dim)
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S_max, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.kv_cache.causal_mask(input_pos))
@@ -293,6 +295,11 @@ class Llama(nn.Module):
         self.rope_sin: Tensor  # (max_seq_len, head_dim // 2), fp32
         self.init_weights()
 
+    def _blocks(self) -> list[TransformerBlock]:
+        """The transformer blocks in layer order (on a pipeline stage, only the stage's own)."""
+        # nn.ModuleDict types its values as nn.Module; self.layers holds only TransformerBlocks.
+        return cast(list[TransformerBlock], list(self.layers.values()))
+
     def tie_weights(self) -> None:
         """With cfg.tie_embeddings, make the output head use tok_embeddings' weight; else a no-op.
 
@@ -318,7 +325,7 @@ class Llama(nn.Module):
         )
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=0.02)
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for layer in self.layers.values():
+        for layer in self._blocks():
             layer.init_weights(out_std)
         self.norm.init_weights()
         if not self.cfg.tie_embeddings:
@@ -372,14 +379,14 @@ class Llama(nn.Module):
         assert self.cfg.n_kv_heads is not None
         dtype = self.output.weight.dtype if dtype is None else dtype
         device = self.output.weight.device if device is None else device
-        for layer in self.layers.values():
+        for layer in self._blocks():
             layer.attention.kv_cache = KVCache(
                 batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
             )
 
     def clear_kv_cache(self) -> None:
         """Drop the KV caches: forward is full causal attention again (training behaviour)."""
-        for layer in self.layers.values():
+        for layer in self._blocks():
             layer.attention.kv_cache = None
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -1,0 +1,78 @@
+"""A model family as the rest of lmforge sees it: `FamilySpec`, one per family folder.
+
+The model file holds the math; a family's `parallelize.py` says, as data, which of its modules the
+code applied from outside must know about: its transformer blocks, which root modules a pipeline's
+first and last stage hold, and its tensor-parallel plan. The plan names a *kind* per module, not a
+PyTorch style, because lmforge.models sits below lmforge.parallel: lmforge.parallel.tensor turns
+each kind into a DTensor parallel style, and lmforge.plan.comm reads from the same kinds which
+dimension of each parameter tensor parallelism splits. `lmforge.models.FAMILIES` lists the specs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+# What tensor parallelism (Megatron-LM, see lmforge.parallel.tensor) does with a module:
+#   embedding            vocab rows split; the output goes into the residual stream's layout
+#   position_embedding   positions split; its (T, dim) output lines up with the token embeddings'
+#   norm                 replicated weights (sequence parallelism: runs on a sequence shard)
+#   colwise              a Linear split by output features: (out, in) weight and bias by dim 0
+#   rowwise              a Linear split by input features: weight by dim 1, bias replicated;
+#                        its partial outputs are summed (or reduce-scattered) into the stream
+#   head                 the output Linear split colwise by vocab rows; every rank gets full logits
+TensorParallelKind = Literal["embedding", "position_embedding", "norm", "colwise", "rowwise", "head"]
+
+
+@dataclass(frozen=True)
+class GatherInput:
+    """A sub-block (attention, MLP) whose first positional input, under sequence parallelism, is
+    all-gathered from its sequence shard into the full sequence before its colwise matmuls.
+
+    n_other_inputs: the positional inputs after it (RoPE tables, input_pos), passed through as
+    they are. Without sequence parallelism the input is already whole and nothing is done.
+    """
+
+    n_other_inputs: int
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """Module name -> what tensor parallelism does with it, applied in this order.
+
+    root: names relative to the model (modules a pipeline stage may hold as None);
+    block: names relative to one transformer block, the same for every block.
+    """
+
+    root: Mapping[str, TensorParallelKind]
+    block: Mapping[str, TensorParallelKind | GatherInput]
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """The root modules outside the blocks, as pipeline parallelism splits them into stages."""
+
+    first: tuple[str, ...]  # modules only the first stage runs (embeddings)
+    last: tuple[str, ...]  # modules only the last stage runs (final norm, output head)
+    embedding: str  # the input embedding module ...
+    head: str  # ... and the output head, which share their weight when the model ties them
+    ties_embeddings: Callable[[Any], bool]  # config -> whether embedding and head share a weight
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything lmforge needs to build, split and shard one model family."""
+
+    name: str  # the family's name in configs and on the command line ("llama")
+    config: type  # the model config dataclass (LlamaConfig)
+    model: type[nn.Module]  # built as model(config)
+    flavors: Mapping[str, Any]  # named sizes: flavor -> config instance
+    blocks: str  # the nn.ModuleDict of transformer blocks, keyed "0".."n_layers-1"
+    stages: StageLayout
+    tp_plan: TensorParallelPlan
+    tp_divisible: tuple[str, ...]  # config fields tensor parallelism must split evenly
+    # module class -> a class with the same parameters and a fused forward (train.fused_projections)
+    fused_modules: Mapping[type[nn.Module], type[nn.Module]] = field(default_factory=dict)
