@@ -12,14 +12,13 @@ same weights and tokens from `seed`, so their final losses agree (to rounding): 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -28,16 +27,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.torch_version import TorchVersion
 
-from lmforge.config import OptimConfig, ParallelConfig, RunConfig, TrainConfig
+from lmforge.config import OptimConfig, ParallelConfig, TrainConfig
 from lmforge.errors import ConfigError
-from lmforge.models import build_model, model_config
+from lmforge.models import blocks, build_model, model_config
 from lmforge.ops.cross_entropy import cross_entropy
-from lmforge.parallel.apply import gradient_sync
-from lmforge.parallel.fsdp import apply_fsdp
+from lmforge.parallel.apply import ModelLayout
 from lmforge.parallel.mesh import local_device
 from lmforge.parallel.pipeline import validate_pp
 from lmforge.runtime import (
-    autocast,
     configure_backends,
     peak_flops,
     peak_memory_gib,
@@ -45,17 +42,16 @@ from lmforge.runtime import (
     resolve_precision,
     synchronize,
 )
-from lmforge.train.activation_checkpointing import apply_activation_checkpointing
-from lmforge.train.compile import CompileMode, CompileScope, apply_compile
-from lmforge.train.converters import convert_model
-from lmforge.train.optim import build_optimizer
+from lmforge.train.compile import CompileMode, CompileScope
+from lmforge.train.objective import next_token_loss
 from lmforge.train.pipeline_step import PipelineStep, stages_per_rank
+from lmforge.train.step import build_train_step
 
 Layout = Literal["plain", "fsdp", "pipeline"]
 
 
 def bench(
-    family: Literal["llama", "gpt2"] = "gpt2",
+    family: str = "gpt2",
     flavor: str = "124m",
     batch_size: int = 8,
     seq_len: int = 1024,
@@ -82,7 +78,7 @@ def bench(
     """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms and the last loss.
 
     Args:
-        family: llama or gpt2.
+        family: A model family of lmforge.models.FAMILIES: llama, gpt2.
         flavor: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
         batch_size: Sequences per step.
         seq_len: Tokens per sequence.
@@ -119,68 +115,75 @@ def bench(
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
+    train_cfg = TrainConfig(
+        grad_clip=1.0, compile=use_compile, compile_scope=compile_scope, compile_mode=compile_mode,
+        fused_projections=fused_projections, float8=float8, activation_checkpointing=activation_checkpointing,
+    )  # fmt: skip
+    parallel_cfg = ParallelConfig(pp_schedule=pp_schedule, pp_microbatches=microbatches,
+                                  fsdp_reshard_after_forward=fsdp_reshard_after_forward)  # fmt: skip
+    meta = build_model(model_cfg, "meta")
+    facts = {
+        "params": meta.num_params(),
+        "vocab": model_cfg.vocab_size,
+        "flops_per_token": meta.flops_per_token(seq_len),
+    }
+    loss_fn = next_token_loss(fused_loss)
+
     def measure(mesh: DeviceMesh | None) -> dict:
         """Build, wrap and time; everything built here is freed on return, before the process
         group of the layouts is destroyed."""
-        model = build_model(model_cfg, dev)
-        convert_model(model, TrainConfig(fused_projections=fused_projections, float8=float8), 1, dev)
-        facts = {"params": model.num_params(), "vocab": model.cfg.vocab_size,
-                 "flops_per_token": model.flops_per_token(seq_len)}  # fmt: skip
-        parts, optimizers, pipe = _wrap(model, layout, mesh, dev, dtype, optimizer, microbatches, pp_schedule,
-                                        fsdp_reshard_after_forward)  # fmt: skip
-        del model  # a pipeline's stages are copies: the full model would only take memory
-        facts["wrapped"] = _describe(parts, pipe)
-        for part in parts:  # after FSDP, before compile, as pretraining does
-            apply_activation_checkpointing(part, activation_checkpointing)
-        if pipe is not None:
-            # The schedule runs forward and backward: all of it under autocast, as in pretraining.
-            def forward_backward(tokens: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
-                with autocast(dev, dtype):
-                    return pipe.train_step(tokens[:, :-1], tokens[:, 1:], 1.0)[0]
-        else:
-            train_model = (
-                apply_compile(parts[0], parts[0], compile_scope, compile_mode) if use_compile else parts[0]
-            )
-            forward_backward = functools.partial(
-                _accumulate, train_model, parts[0], optimizers[0], microbatches, fused_loss, dtype
-            )
-        scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+        if layout == "pipeline":
+            try:
+                validate_pp(
+                    model_cfg.n_layers,
+                    1,
+                    stages_per_rank(pp_schedule),
+                    microbatches,
+                    microbatches,
+                    pp_schedule,
+                )
+            except ValueError as err:
+                raise ConfigError(f"bench --layout pipeline: {err}") from None
+        model_layout = ModelLayout(dp_mesh=mesh, data_parallel="fsdp") if layout == "fsdp" else ModelLayout()
+        step = build_train_step(model_cfg, train_cfg, parallel_cfg, OptimConfig(name=optimizer), model_layout, dev,
+                                dtype, pp_mesh=mesh if layout == "pipeline" else None,
+                                pipeline_loss=cross_entropy)  # fmt: skip
+        measured: dict[str, Any] = {"wrapped": _describe(step.parts, step.pipe)}
         losses: list[torch.Tensor] = []
 
-        def step() -> None:
-            tokens = torch.randint(0, facts["vocab"], (batch_size, seq_len + 1), device=dev)
-            losses.append(forward_backward(tokens, scaler))
-            for opt in optimizers:
-                scaler.step(opt)
-                opt.zero_grad(set_to_none=True)
-            scaler.update()
+        def one_step() -> None:
+            tokens = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
+            batches = [(micro[:, :-1], micro[:, 1:]) for micro in tokens.chunk(microbatches)]
+            loss, _ = step.forward_backward(batches, loss_fn, len(losses) + 1)
+            step.update(skip=False)
+            losses.append(loss)
 
         for _ in range(warmup):
-            step()
+            one_step()
         synchronize(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         started = time.perf_counter()
         for _ in range(steps):
-            step()
+            one_step()
         synchronize(dev)
-        facts["elapsed"] = time.perf_counter() - started
-        facts["peak_mem_gib"] = peak_memory_gib(dev)
-        facts["loss"] = losses[-1].item() if losses else None  # the last timed (or warm-up) step's
+        measured["elapsed"] = time.perf_counter() - started
+        measured["peak_mem_gib"] = peak_memory_gib(dev)
+        measured["loss"] = losses[-1].item() if losses else None  # the last timed (or warm-up) step's
         if profile is not None:
-            _profile(step, dev, Path(profile))
-        return facts
+            _profile(one_step, dev, Path(profile))
+        return measured
 
     with _process_group_of_one(dev, layout) as mesh:
         measured = measure(mesh)
-    elapsed, flops_per_token = measured["elapsed"], measured["flops_per_token"]
+    elapsed, flops_per_token = measured["elapsed"], facts["flops_per_token"]
     tokens_per_sec = batch_size * seq_len * steps / elapsed
     peak, peak_source = peak_flops(dev)
     return {
         "family": family,
         "flavor": flavor,
-        "params": measured["params"],
-        "vocab_size": measured["vocab"],
+        "params": facts["params"],
+        "vocab_size": facts["vocab"],
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dtype": str(dtype).removeprefix("torch."),
@@ -270,52 +273,10 @@ def _process_group_of_one(dev: torch.device, layout: Layout) -> Iterator[DeviceM
 def _describe(parts: list[nn.Module], pipe: PipelineStep | None) -> str:
     """What the layout made of the model, checkable in the JSON line: FSDP units or pipeline stages."""
     if pipe is not None:
-        layers = ["+".join(part.layers if hasattr(part, "layers") else part.h) for part in parts]
+        layers = ["+".join(blocks(part)) for part in parts]
         return f"{len(parts)} pipeline stage(s) on this process, layers " + " | ".join(layers)
     units = sum(isinstance(module, FSDPModule) for module in parts[0].modules())
     return f"{units} FSDP2 units" if units else "not wrapped"
-
-
-def _accumulate(
-    train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, microbatches: int,
-    fused_loss: bool, dtype: torch.dtype, tokens: torch.Tensor, scaler: torch.amp.GradScaler,
-) -> torch.Tensor:  # fmt: skip
-    """Forward (under autocast) and backward over the batch's micro-batches, then clipping, as
-    pretraining's step does; returns the batch's mean loss. `train_model` is `model` or its compiled form."""
-    total = torch.zeros((), device=tokens.device)
-    for i, micro in enumerate(tokens.chunk(microbatches)):
-        with gradient_sync(model, enabled=i == microbatches - 1):
-            with autocast(tokens.device, dtype):
-                if fused_loss:
-                    loss = train_model(micro[:, :-1], targets=micro[:, 1:]) / microbatches
-                else:
-                    loss = cross_entropy(train_model(micro[:, :-1]), micro[:, 1:]) / microbatches
-            scaler.scale(loss).backward()
-        total += loss.detach()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    return total
-
-
-def _wrap(
-    model: nn.Module, layout: Layout, mesh: DeviceMesh | None, dev: torch.device, dtype: torch.dtype,
-    optimizer: str, microbatches: int, pp_schedule: str, reshard_after_forward: bool,
-) -> tuple[list[nn.Module], list[torch.optim.Optimizer], PipelineStep | None]:  # fmt: skip
-    """(the modules holding the parameters, their optimizers, the pipeline's step or None)."""
-    optim_cfg = OptimConfig(name=optimizer)
-    if layout == "pipeline":
-        cfg = RunConfig(optim=optim_cfg, parallel=ParallelConfig(pp_schedule=pp_schedule))
-        try:
-            validate_pp(model.cfg.n_layers, 1, stages_per_rank(cfg), microbatches, microbatches, pp_schedule)
-        except ValueError as err:
-            raise ConfigError(f"bench --layout pipeline: {err}") from None
-        pipe = PipelineStep(model, cfg, mesh, dev, microbatches, lambda part: None)
-        return pipe.parts, pipe.optimizers, pipe
-    if layout == "fsdp":
-        # As parallelize() does for parallel.dp_shard > 1: gathered in the compute dtype, reduced in fp32.
-        param_dtype = None if dtype == torch.float32 else dtype
-        apply_fsdp(model, mesh, param_dtype, torch.float32, reshard_after_forward)
-    return [model], [build_optimizer(model, optim_cfg, dev.type)], None
 
 
 def _profile(step, dev: torch.device, trace: Path, steps: int = 3) -> None:

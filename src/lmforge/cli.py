@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -83,9 +84,11 @@ def generate(
         device: auto, cpu, cuda or cuda:N.
     """
     from lmforge.api import load
+    from lmforge.infer.generate import check_sampling_args
     from lmforge.infer.generate import generate as generate_ids
     from lmforge.runtime import resolve_device
 
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # before loading: a typo costs nothing
     model, tokenizer = load(run, device=resolve_device(device))
     eos_id = tokenizer.token_to_id("<|eos|>")
     prompt_ids = tokenizer.encode(prompt).ids
@@ -117,9 +120,8 @@ def evaluate(run: str, batches: int = 50, batch_size: int = 8, device: str = "au
     from lmforge.config import load_config
     from lmforge.data.loader import val_batches
     from lmforge.evaluate.perplexity import evaluate_loss
+    from lmforge.rundir import data_dir_for, resolve_checkpoint
     from lmforge.runtime import resolve_device, resolve_precision
-    from lmforge.train.checkpoint import resolve_checkpoint
-    from lmforge.train.pretrain import data_dir_for
 
     dev = resolve_device(device)
     ckpt_dir = resolve_checkpoint(run)
@@ -138,22 +140,26 @@ def export(run: str, out: str | None = None) -> None:
         run: Run directory (its newest checkpoint) or checkpoint directory.
         out: Output directory for model.safetensors, config.yaml, tokenizer.json (default: RUN/export).
     """
-    from lmforge.train.checkpoint import export_checkpoint, resolve_checkpoint
+    from lmforge.rundir import export_checkpoint, resolve_checkpoint
 
     path = export_checkpoint(resolve_checkpoint(run), Path(out) if out else Path(run) / "export")
     print(json.dumps({"exported": str(path)}))
 
 
-def pretrain(config: RunConfig, out: str, resume: bool = False, resume_from: str | None = None) -> None:
+def pretrain(config: RunConfig, out: str, resume: str = "no", resume_from: str | None = None) -> None:
+    """resume: no (a new run), latest (the newest valid checkpoint, which must exist) or auto (the
+    newest valid checkpoint if the run has one, else a new run: for requeued jobs)."""
     from lmforge.train.pretrain import pretrain as run
+    from lmforge.train.resume import Resume
 
-    result = run(config, out, resume_from or resume)
+    modes: dict[str, Resume] = {"no": False, "latest": True, "auto": "auto"}
+    result = run(config, out, resume_from or modes[resume])
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
         print(json.dumps(result))
 
 
 PRETRAIN_HELP = (
-    "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume | --resume-from CKPT] "
+    "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume [auto] | --resume-from CKPT] "
     "[--section.key=value ...]. "
     "Sections: model, data, optim, schedule, train, checkpoint, logging."
 )
@@ -194,7 +200,13 @@ def build_parser() -> ArgumentParser:
     )
     pretrain_parser.add_argument("--out", type=str, required=True, help="Run directory.")
     pretrain_parser.add_argument(
-        "--resume", action="store_true", help="Continue the run in --out from its newest valid checkpoint."
+        "--resume",
+        nargs="?",
+        const="latest",
+        default="no",
+        choices=["no", "latest", "auto"],
+        help="Continue the run in --out from its newest valid checkpoint (which must exist); "
+        "`--resume auto`: from its newest valid checkpoint if it has one, else start it (requeued jobs).",
     )
     pretrain_parser.add_argument(
         "--resume_from", type=str, help="Continue the run in --out from exactly this checkpoint directory."
@@ -233,7 +245,7 @@ def _normalize(argv: list[str]) -> list[str]:
 
 def _resume_config(argv: list[str]) -> list[str]:
     """`pretrain --out DIR --resume` without --config reads DIR/config.yaml (overrides still apply)."""
-    resuming = any(a == "--resume" or a.startswith("--resume_from") for a in argv)
+    resuming = any(a == "--resume" or a.startswith(("--resume=", "--resume_from")) for a in argv)
     if argv[:1] != ["pretrain"] or not resuming or any(a.startswith("--config") for a in argv):
         return argv
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
@@ -248,13 +260,14 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
     command = args.command
     sub = args[command]
     if command == "pretrain":
+        assert parser._subcommands_action is not None  # noqa: SLF001 - build_parser added the subcommands
         values = parser._subcommands_action._name_parser_map["pretrain"].instantiate(sub)  # noqa: SLF001
         pretrain(namespace_to_config(values), values.out, values.resume, values.resume_from)
         return
     if command == "data":
         prepare(**sub.prepare.as_dict())
         return
-    functions = {
+    functions: dict[str, Callable[..., object]] = {
         "quickstart": quickstart,
         "generate": generate,
         "eval": evaluate,

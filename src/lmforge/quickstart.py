@@ -23,7 +23,6 @@ from lmforge.config import (
 )
 from lmforge.evaluate.perplexity import unigram_entropy
 from lmforge.infer.generate import complete
-from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.pretrain import pretrain
 
 PROMPTS = ["def ", "import os\n", "class Parser:\n    def __init__(self"]
@@ -54,7 +53,7 @@ def quickstart(out: str = "runs/quickstart", max_steps: int | None = None) -> di
     cfg = quickstart_config(max_steps or (2000 if cuda else 300), cuda)
     run_dir = Path(out)
     # Running it again continues (or just re-reports) the same run instead of failing.
-    result = pretrain(cfg, run_dir, resume=bool(list_checkpoints(run_dir)))
+    result = pretrain(cfg, run_dir, resume="auto")
 
     data_dir = run_dir / "data"
     manifest = json.loads((data_dir / "manifest.json").read_text())

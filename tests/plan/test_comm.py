@@ -22,7 +22,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from gloo_worker import gloo_group
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
@@ -172,53 +171,20 @@ CASES_4 = {
 }
 
 
-def _train_step(case: Case, model, step_module, optimizer, pipeline, batch, recorder) -> None:
-    """One optimizer step as lmforge's pretrain takes it (pipeline: PipelineStep.train_step)."""
-    from lmforge.parallel.apply import gradient_sync
-    from lmforge.parallel.pipeline import clip_grad_norm_, pipeline_loss, sync_tied_embedding_grads
-    from lmforge.parallel.tensor import reduce_partial_grads
-    from lmforge.runtime import autocast
-
-    device, dtype = torch.device("cpu"), torch.bfloat16 if case.bf16 else torch.float32
-    with recorder:
-        if pipeline is not None:
-            stages, parts, schedule, pp_mesh = pipeline
-            inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # stages check strides
-            losses: list[torch.Tensor] = []
-            has_first, has_last = any(s.is_first for s in stages), any(s.is_last for s in stages)
-            with autocast(device, dtype):
-                schedule.step(*([inputs] if has_first else []), target=targets if has_last else None,
-                              losses=losses if has_last else None, return_outputs=False)  # fmt: skip
-            pipeline_loss(stages, losses, pp_mesh)
-            sync_tied_embedding_grads(parts, pp_mesh)
-            clip_grad_norm_(parts, 1.0, pp_mesh)
-        else:
-            for micro_step, rows in enumerate(batch.split(MICRO_BATCH)):
-                with gradient_sync(step_module, enabled=micro_step == case.grad_accum - 1):
-                    with autocast(device, dtype):
-                        logits = step_module(rows[:, :-1])  # (B, T, V)
-                    loss = (
-                        F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()) / case.grad_accum
-                    )
-                    loss.backward()
-            reduce_partial_grads(model.parameters())  # as pretrain does: the SP norms' gradients
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in optimizer:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-
 def _run_case(case: Case) -> dict:
-    from lmforge.config import OptimConfig, ParallelConfig
-    from lmforge.parallel.apply import parallelize
+    """Three optimizer steps through lmforge's own step (lmforge.train.step, as pretrain and bench
+    take them), the third recorded."""
+    from lmforge.config import OptimConfig, ParallelConfig, TrainConfig
+    from lmforge.ops.cross_entropy import cross_entropy
+    from lmforge.parallel.apply import layout_of
     from lmforge.parallel.mesh import build_mesh
-    from lmforge.parallel.pipeline import build_pipeline_stages, build_schedule
-    from lmforge.train.optim import build_optimizer
-    from lmforge.train.pipeline_step import cross_entropy
+    from lmforge.train.objective import next_token_loss
+    from lmforge.train.step import build_train_step
 
     device, dims = torch.device("cpu"), case.parallel_dims
     parallel = ParallelConfig(dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard, tp=dims.tp, pp=dims.pp,
-                              sequence_parallel=case.sequence_parallel,
+                              sequence_parallel=case.sequence_parallel, pp_schedule=case.pp_schedule,
+                              pp_microbatches=case.pp_microbatches,
                               fsdp_reshard_after_forward=case.reshard_after_forward)  # fmt: skip
     mesh = build_mesh(dims, device)
     # A collective is attributed to a mesh dim by its group's ranks (DTensor and FSDP may hold
@@ -228,38 +194,24 @@ def _run_case(case: Case) -> dict:
     }
     cfg = model_config(case.family, case.flavor, **case.overrides)
     torch.manual_seed(0)  # the same weights on every rank
-    model = build_model(cfg, device)
     compute_dtype = torch.bfloat16 if case.bf16 else torch.float32
-    pipeline = None
-    if dims.pp > 1:
-        stages, parts = build_pipeline_stages(model, mesh["pp"], 2 if case.pp_schedule == "interleaved_1f1b" else 1,
-                                              device)  # fmt: skip
-        for part in parts:
-            parallelize(part, dims, mesh, parallel, device, compute_dtype)
-        schedule = build_schedule(stages, case.pp_microbatches or dims.pp, case.pp_schedule, cross_entropy)
-        pipeline, step_module = (stages, parts, schedule, mesh["pp"]), None
-    else:
-        parts = [model]
-        step_module = parallelize(model, dims, mesh, parallel, device, compute_dtype)
-    optimizers = [build_optimizer(part, OptimConfig(), device.type) for part in parts]
+    step = build_train_step(cfg, TrainConfig(compile=False), parallel, OptimConfig(), layout_of(dims, mesh), device,
+                            compute_dtype, pp_mesh=mesh["pp"] if dims.pp > 1 else None,
+                            pipeline_loss=cross_entropy)  # fmt: skip
+    loss_fn = next_token_loss(fused=False)
 
     # Every rank draws the same tokens: correct for TP and PP (one batch per group), and harmless
     # for data parallelism, whose communication does not depend on the values.
     generator = torch.Generator().manual_seed(1)
-    for step in range(3):
+    recorder = CollectiveRecorder()
+    for step_number in range(1, 4):
         batch = torch.randint(
             0, cfg.vocab_size, (MICRO_BATCH * case.grad_accum, SEQ_LEN + 1), generator=generator
         )
-        recorder = CollectiveRecorder()
-        _train_step(
-            case,
-            model,
-            step_module,
-            optimizers,
-            pipeline,
-            batch,
-            recorder if step == 2 else contextlib.nullcontext(),
-        )
+        batches = [(rows[:, :-1], rows[:, 1:]) for rows in batch.split(MICRO_BATCH)]
+        with recorder if step_number == 3 else contextlib.nullcontext():
+            step.forward_backward(batches, loss_fn, step_number)
+            step.update(skip=False)
     by_dim: dict = defaultdict(lambda: defaultdict(int))
     calls: dict = defaultdict(lambda: defaultdict(int))
     for kind, group, nbytes in recorder.calls:

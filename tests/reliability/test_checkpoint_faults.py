@@ -11,7 +11,7 @@ import torch
 from common import checkpoint_dir, error_lines, losses, pretrain_args, run, tensors
 from safetensors.torch import save_file
 
-from lmforge.train.checkpoint import latest_checkpoint, verify_checkpoint
+from lmforge.rundir import latest_checkpoint, verify_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from common import checkpoint_dir, error_lines, losses, pretrain_args, records, run, spawned
 
-from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.rundir import latest_checkpoint
 
 STEPS = 10
 DDP = ("--train.micro_batch_size=4",)  # 2 ranks x 4 = the recipe's 8 sequences per step
@@ -184,3 +184,25 @@ def test_a_restart_does_not_resume_a_run_its_first_attempt_refused(prepared_dir,
     assert result.stderr.count("already has checkpoints") == 4  # 2 ranks x 2 attempts
     assert "resuming from" not in result.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(
+    prepared_dir, straight_1rank, tmp_path
+):
+    """A requeued job passes `--resume auto` (examples/slurm.sbatch): killed before its first
+    checkpoint, it starts the run again; killed after one, it resumes from it. Either way it ends
+    with the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    args = pretrain_args(prepared_dir, out, steps=STEPS)  # checkpoints at steps 4 and 8
+    killed = run(args, tmp_path, fault="train.step:kill@step=3")
+    assert killed.returncode == -signal.SIGKILL and not (out / "checkpoints").exists()
+    plain = run([*args, "--resume"], tmp_path)  # what --resume alone says to such a run
+    assert plain.returncode == 2 and "has no checkpoint to resume from" in error_lines(plain)[0]
+
+    again = run([*args, "--resume", "auto"], tmp_path, fault="train.step:kill@step=6")
+    assert again.returncode == -signal.SIGKILL and "resuming from" not in again.stdout
+    assert latest_checkpoint(out).name == "step_0000004"
+    resumed = run([*args, "--resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step_0000004" in resumed.stdout
+    assert losses(out) == losses(straight_1rank)

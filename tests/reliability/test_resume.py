@@ -15,9 +15,10 @@ from common import checkpoint_dir, losses, pretrain_args, run, tensors
 from lmforge.data.loader import BatchLoader
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models import build_model
-from lmforge.train.checkpoint import _optimizer_state, load_checkpoint, model_state_dict
+from lmforge.rundir import model_state_dict, run_model_config
+from lmforge.train.checkpoint import _optimizer_state, load_checkpoint
 from lmforge.train.optim import build_optimizer
-from lmforge.train.pretrain import pretrain, run_model_config
+from lmforge.train.pretrain import pretrain
 from lmforge.train.schedule import lr_at
 
 

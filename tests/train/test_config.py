@@ -50,3 +50,25 @@ def test_invalid_yaml_is_one_line(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"family": "bert"}, "'model.family': unknown model family 'bert'; choose one of ['gpt2', 'llama']"),
+        ({"family": "llama", "flavor": "huge"}, "'model.flavor': unknown llama flavor 'huge'"),
+        (
+            {"family": "gpt2", "flavor": "debug", "qk_norm": True},
+            "'model.qk_norm' must be false for family gpt2",
+        ),
+    ],
+)
+def test_a_model_the_registry_does_not_have_is_refused_before_any_work(model, message, tmp_path):
+    """The model section names families by the registry (lmforge.models.FAMILIES), checked at the
+    start of a run: one line naming the key, and no run directory."""
+    from lmforge.train.pretrain import pretrain
+
+    with pytest.raises(ConfigError) as err:
+        pretrain(parse_config_dict({"model": model}), tmp_path / "run")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.train.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_trainer_state,
-    verify_checkpoint,
-)
+from lmforge.rundir import latest_checkpoint, list_checkpoints, verify_checkpoint
+from lmforge.train.checkpoint import load_trainer_state
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import pretrain
 

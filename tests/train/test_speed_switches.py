@@ -6,12 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.config import TrainConfig
+from lmforge.config import ParallelConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.models import build_model, model_config
-from lmforge.train.compile import apply_compile
+from lmforge.models.llama.fused import FusedGateUpFeedForward, FusedQKVAttention
+from lmforge.parallel.apply import ModelLayout
 from lmforge.train.converters import convert_model
-from lmforge.train.fused_projections import FusedGateUpFeedForward, FusedQKVAttention, apply_fused_projections
+from lmforge.train.fused_projections import apply_fused_projections
+from lmforge.train.transforms import apply_transforms
+
+CPU = torch.device("cpu")
 
 
 def _model(family: str = "llama", **overrides) -> torch.nn.Module:
@@ -93,7 +97,10 @@ def test_qk_norm_adds_one_gain_per_head_dim_and_changes_the_output():
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compiled_training_step_matches_eager(scope):
     eager, compiled = _model(), _model()
-    step_module = apply_compile(compiled, compiled, scope, "default")
+    cfg = TrainConfig(compile=True, compile_scope=scope)
+    step_module = apply_transforms(
+        compiled, cfg, ParallelConfig(), ModelLayout(), CPU, torch.float32, compile=True
+    )
     assert (step_module is compiled) == (scope == "blocks")
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # in place: names unchanged
     loss, grads = _loss_and_grads(eager)

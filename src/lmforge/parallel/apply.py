@@ -1,14 +1,15 @@
-"""Apply parallelism to a single-device model, from outside, in one documented order.
+"""Parallel layouts applied to a single-device model from outside: checking a layout, the
+data-parallel wrappers, and skipping gradient reduction during accumulation.
 
-    1. tensor parallel (DTensor plans on attention and MLP)    parallel.tp > 1
-    2. data parallel: FSDP2 / HSDP                              parallel.dp_shard > 1
-                 or   DDP                                       parallel.dp_replicate > 1, dp_shard == 1
-The model code itself never branches on the layout.
+The order of every transform (TP, activation checkpointing, compile, FSDP2/DDP, ...) is
+lmforge.train.transforms'. The model code itself never branches on the layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -64,42 +65,62 @@ def validate_layout(
             ) from None
 
 
-def parallelize(
-    model: nn.Module,
-    dims: ParallelDims,
-    mesh: DeviceMesh,
-    cfg: ParallelConfig,
-    device: torch.device,
-    compute_dtype: torch.dtype,
-) -> nn.Module:
-    """Returns the module the training step calls (the model itself, or its DDP wrapper)."""
-    if dims.tp > 1:
-        from lmforge.parallel.tensor import apply_tensor_parallel
+@dataclass(frozen=True)
+class ModelLayout:
+    """Where one model (or pipeline stage) runs: its tensor-parallel mesh, and how data parallelism
+    wraps it (`fsdp`: FSDP2, HSDP with a 2-D dp_mesh; `ddp`: DistributedDataParallel)."""
 
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel)
+    tp_mesh: DeviceMesh | None = None
+    dp_mesh: DeviceMesh | None = None
+    data_parallel: Literal["none", "ddp", "fsdp"] = "none"
+
+
+def layout_of(dims: ParallelDims, mesh: DeviceMesh | None) -> ModelLayout:
+    """The layout a pretraining rank gives its model (or each of its pipeline stages)."""
+    if mesh is None:
+        return ModelLayout()
+    tp_mesh = mesh["tp"] if dims.tp > 1 else None
     if dims.dp_shard > 1:
-        if cfg.fsdp_cpu_offload and device.type != "cuda":
-            raise ConfigError(
-                "parallel.fsdp_cpu_offload moves GPU state to CPU memory: it needs train.device cuda"
-            )
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        reduce_dtype = torch.bfloat16 if cfg.fsdp_reduce_dtype == "bf16" else torch.float32
-        param_dtype = None if compute_dtype == torch.float32 else compute_dtype
-        apply_fsdp(
-            model, dp_mesh, param_dtype, reduce_dtype, cfg.fsdp_reshard_after_forward, cfg.fsdp_cpu_offload
-        )
-        return model
+        return ModelLayout(tp_mesh, dp_mesh, "fsdp")
     if dims.dp_replicate > 1:
         if dims.tp > 1:
             raise ConfigError(
                 "parallel.dp_replicate > 1 with tp > 1 needs dp_shard > 1 (HSDP); DDP does not take DTensors"
             )
-        return apply_ddp(model, mesh["dp_replicate"], device)
+        return ModelLayout(tp_mesh, mesh["dp_replicate"], "ddp")
+    return ModelLayout(tp_mesh)
+
+
+def apply_data_parallel(
+    model: nn.Module,
+    layout: ModelLayout,
+    cfg: ParallelConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+) -> nn.Module:
+    """FSDP2 (in place) or DDP (a wrapper) per `layout`; returns the module the step calls."""
+    if layout.data_parallel == "fsdp":
+        assert layout.dp_mesh is not None
+        if cfg.fsdp_cpu_offload and device.type != "cuda":
+            raise ConfigError(
+                "parallel.fsdp_cpu_offload moves GPU state to CPU memory: it needs train.device cuda"
+            )
+        reduce_dtype = torch.bfloat16 if cfg.fsdp_reduce_dtype == "bf16" else torch.float32
+        param_dtype = None if compute_dtype == torch.float32 else compute_dtype
+        apply_fsdp(model, layout.dp_mesh, param_dtype, reduce_dtype, cfg.fsdp_reshard_after_forward,
+                   cfg.fsdp_cpu_offload)  # fmt: skip
+        return model
+    if layout.data_parallel == "ddp":
+        assert layout.dp_mesh is not None
+        return apply_ddp(model, layout.dp_mesh, device)
     return model
 
 
 def gradient_sync(train_module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """Skip the data-parallel gradient reduction on all but the last micro-step of accumulation."""
+    """Skip the data-parallel gradient reduction on all but the last micro-step of accumulation.
+    `train_module` is what the step calls: the model, its DDP wrapper, or their compiled form."""
+    train_module = getattr(train_module, "_orig_mod", train_module)  # torch.compile's wrapper
     if isinstance(train_module, DistributedDataParallel):
         return contextlib.nullcontext() if enabled else train_module.no_sync()
     if isinstance(train_module, FSDPModule):

@@ -1,11 +1,9 @@
-"""Checkpoints: one format from one process to many.
+"""Checkpoints: writing them, and restoring a training run from one; one format from one process to many.
 
-Layout of `RUN/checkpoints/step_0000100/`:
-    model/        model weights, safetensors (torch.distributed.checkpoint's Hugging Face writer)
-    optimizer/    optimizer tensors, safetensors, keys `state.<param fqn>.<name>`
-    trainer_state.json   step, data-loader position, RNG states, optimizer hyper-parameters
-    config.yaml, tokenizer.json   so the checkpoint alone rebuilds the model
-    manifest.json        written last: every file with its size and sha256, the step, the config hash
+The format (layout, manifest, finding and verifying a checkpoint, loading its weights) is
+lmforge.rundir's; this module adds what only training needs: saving atomically under any layout,
+the optimizer's tensors (`optimizer/`, keys `state.<param fqn>.<name>`), the trainer state
+(step, data position, RNG states, optimizer scalars) and restoring all of it.
 
 Why this design: torch.distributed.checkpoint (DCP) runs in a single process too (no_dist=True)
 and, under torchrun, lets every rank write its own shard and a later run load them under another
@@ -18,23 +16,20 @@ leaves the previous checkpoint as the newest valid one.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
+    OptimizerStateType,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
@@ -42,15 +37,19 @@ from torch.distributed.tensor import DTensor
 from lmforge.config import RunConfig, config_sha256, one_line, save_config
 from lmforge.errors import CheckpointError
 from lmforge.faults import fault
-
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.json"
-FORMAT_VERSION = 1
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}"
-
+from lmforge.rundir import (
+    FORMAT_VERSION,
+    MANIFEST,
+    TRAINER_STATE,
+    checkpoint_name,
+    head_alias,
+    list_checkpoints,
+    load_model_weights,
+    load_tensors,
+    model_state_dict,
+    sha256_file,
+    tensor_headers,
+)
 
 # ---------------------------------------------------------------------------- tensors via DCP
 
@@ -88,110 +87,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], directory: Path) -> None:
         shutil.rmtree(directory / "sharded", ignore_errors=True)
 
 
-def _load_tensors(template: dict[str, torch.Tensor], directory: Path) -> None:
-    """Fill `template` in place (plain tensors or this rank's DTensor shards) from `directory`."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        reader = dcp.HuggingFaceStorageReader(str(directory))
-        try:
-            dcp.load(template, storage_reader=reader, no_dist=not _distributed())
-        except (dcp.CheckpointException, SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(
-                f"cannot read the tensors of {directory}: {one_line(str(err))[:300]}"
-            ) from None
-
-
-def _tensor_headers(directory: Path) -> dict[str, list[int]]:
-    """Name → shape of every tensor in the safetensors files of `directory`, from the headers only.
-
-    Parsing is safetensors' own (bounded: it refuses a header over 100 MB before reading it); any
-    file it cannot parse is a CheckpointError naming the file.
-    """
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"checkpoint directory {directory} has no .safetensors file")
-    headers = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    headers[key] = f.get_slice(key).get_shape()
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"checkpoint file {file} is not a valid safetensors file ({err})") from None
-    return headers
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names under which an already-named parameter appears again (e.g. gpt2's lm_head.weight)."""
-    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    return every - {name for name, _ in model.named_parameters()}
-
-
-def _head_alias(part: nn.Module) -> dict[str, str]:
-    """On a last pipeline stage, the copy of a tied head is stored under the embedding's name.
-
-    The checkpoint then holds one tied weight whatever the layout: a single process (where the
-    head *is* the embedding) and a pipeline (where first and last stage each hold a copy) read and
-    write the same tensor.
-    """
-    cfg = getattr(part, "cfg", None)
-    for embedding, head in (("wte", "lm_head"), ("tok_embeddings", "output")):
-        tied = head == "lm_head" or getattr(cfg, "tie_embeddings", False)
-        if (
-            tied
-            and hasattr(part, embedding)
-            and getattr(part, embedding) is None
-            and getattr(part, head, None) is not None
-        ):
-            return {f"{head}.weight": f"{embedding}.weight"}
-    return {}
-
-
-def model_state_dict(part: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights by checkpoint name (DTensor shards under FSDP/TP); a tied weight appears once."""
-    tied, alias = _tied_names(part), _head_alias(part)
-    return {alias.get(name, name): t for name, t in get_model_state_dict(part).items() if name not in tied}
-
-
-def check_weight_shapes(expected: dict[str, torch.Tensor], weights_dir: Path) -> None:
-    """CheckpointError unless the safetensors files of `weights_dir` hold every expected tensor in
-    its expected shape (read from the headers: nothing is loaded)."""
-    headers = _tensor_headers(weights_dir)
-    for name, tensor in expected.items():
-        if name not in headers:
-            raise CheckpointError(f"checkpoint {weights_dir} has no tensor '{name}'")
-        if list(tensor.shape) != list(headers[name]):
-            raise CheckpointError(
-                f"checkpoint {weights_dir}: tensor '{name}' has shape {list(headers[name])}, "
-                f"the model expects {list(tensor.shape)}"
-            )
-
-
-def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) -> None:
-    """Load safetensors weights into the model (or its pipeline stages) in place, shapes checked."""
-    parts = parts if isinstance(parts, list) else [parts]
-    templates = [model_state_dict(part) for part in parts]
-    check_weight_shapes({k: v for template in templates for k, v in template.items()}, weights_dir)
-    for part, template in zip(parts, templates, strict=True):
-        # One load per part: a rank may hold the same checkpoint tensor twice (never here, as the
-        # first and last pipeline stages are on different ranks, but a dict could not say so).
-        _load_tensors(template, weights_dir)
-        unalias = {v: k for k, v in _head_alias(part).items()}
-        state = {unalias.get(name, name): t for name, t in template.items()}
-        set_model_state_dict(part, state, options=StateDictOptions(strict=False))
-        if hasattr(part, "tie_weights") and not _head_alias(part):
-            part.tie_weights()
-
-
 # ---------------------------------------------------------------------------- save
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -212,7 +108,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    state: dict[str, str | list[str]] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [
             base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
@@ -236,9 +134,13 @@ def _optimizer_state(part: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     template that a checkpoint is loaded into.
     """
     state = get_optimizer_state_dict(part, optimizer)
-    alias = _head_alias(part)
-    tensors, scalars = {}, {}
-    for fqn, param_state in state["state"].items():
+    alias = head_alias(part)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    per_param = cast(
+        dict[str, dict[str, Any]], state["state"]
+    )  # DCP's OptimizerStateType: fqn -> {name: value}
+    for fqn, param_state in per_param.items():
         for key, value in param_state.items():
             name = f"state.{alias.get(fqn, fqn)}.{key}"
             if isinstance(value, torch.Tensor) and value.ndim == 0 and not isinstance(value, DTensor):
@@ -368,7 +270,7 @@ def _write_metadata(tmp: Path, step: int, state: dict, cfg: RunConfig, tokenizer
     shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
     fault("checkpoint.before_manifest", step)
     files = {
-        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(tmp.rglob("*"))
         if p.is_file()
     }
@@ -415,97 +317,6 @@ def _prune(root: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------------------- find, verify, load
 
 
-def read_manifest(ckpt_dir: Path) -> dict:
-    path = ckpt_dir / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-        int(manifest["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint manifest {path} is corrupt ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(files, dict):
-        raise CheckpointError(f"checkpoint manifest {path} is corrupt: 'files' is not a mapping")
-    for name, meta in files.items():
-        if not (
-            isinstance(meta, dict)
-            and isinstance(meta.get("bytes"), int)
-            and isinstance(meta.get("sha256"), str)
-        ):
-            raise CheckpointError(
-                f"checkpoint manifest {path} is corrupt: entry '{name}' lacks bytes or sha256"
-            )
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"checkpoint manifest {path} names a file outside the checkpoint: '{name}'")
-    return manifest
-
-
-def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> dict:
-    """Check every file the manifest lists: present, right size and (optionally) right sha256."""
-    manifest = read_manifest(ckpt_dir)
-    # A file the manifest does not list would still be read (DCP loads every *.safetensors file
-    # of a directory): refuse it.
-    listed = set(manifest["files"]) | {MANIFEST}
-    for path in sorted(ckpt_dir.rglob("*")):
-        if path.is_file() and str(path.relative_to(ckpt_dir)) not in listed:
-            raise CheckpointError(f"checkpoint file {path} is not in the manifest")
-    for name, meta in manifest["files"].items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != meta["bytes"]:
-            raise CheckpointError(
-                f"checkpoint file {path} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
-            )
-        if checksums and _sha256(path) != meta["sha256"]:
-            raise CheckpointError(
-                f"checkpoint file {path} is corrupt: its sha256 differs from the manifest's"
-            )
-    return manifest
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run, oldest first (complete or not)."""
-    return sorted((run_dir / "checkpoints").glob("step_*"))
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest checkpoint that verifies; older ones are tried with a warning naming the bad one.
-
-    Raises CheckpointError if there is none: a resume never silently starts from scratch.
-    """
-    candidates = list_checkpoints(run_dir)
-    if not candidates:
-        raise CheckpointError(f"run directory {run_dir} has no checkpoint to resume from")
-    for ckpt_dir in reversed(candidates):
-        try:
-            verify_checkpoint(ckpt_dir)
-            return ckpt_dir
-        except CheckpointError as err:
-            warnings.warn(f"skipping checkpoint {ckpt_dir.name}: {err}", stacklevel=2)
-            reason = str(err)
-    raise CheckpointError(
-        f"run directory {run_dir} has no valid checkpoint (all {len(candidates)} failed verification; "
-        f"the oldest: {reason})"
-    )
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its newest valid checkpoint) or a checkpoint directory (verified)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"run or checkpoint directory {path} does not exist")
-    if (path / MANIFEST).is_file():
-        verify_checkpoint(path)
-        return path
-    if (path / "checkpoints").is_dir():
-        return latest_checkpoint(path)
-    raise CheckpointError(f"{path} is neither a run directory nor a checkpoint directory")
-
-
 def load_trainer_state(ckpt_dir: Path) -> dict:
     """The JSON trainer state; anything else there (a pickle, say) is refused without being run."""
     path = ckpt_dir / TRAINER_STATE
@@ -537,7 +348,7 @@ def load_checkpoint(
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     state = load_trainer_state(ckpt_dir)
     load_model_weights(parts, ckpt_dir / "model")
-    saved_tensors = _tensor_headers(ckpt_dir / "optimizer")
+    saved_tensors = tensor_headers(ckpt_dir / "optimizer")
     saved_scalars = state["optimizer"]["scalars"]
     # A scalar saved by rank 0 for one parameter (Adam's `step`) is the same for all of them.
     any_scalar = {key.rsplit(".", 1)[1]: value for key, value in saved_scalars.items()}
@@ -549,8 +360,8 @@ def load_checkpoint(
                 f"checkpoint {ckpt_dir / 'optimizer'} lacks tensor '{missing[0]}' (another optimizer?)"
             )
         if flat:
-            _load_tensors(flat, ckpt_dir / "optimizer")
-        unalias = {v: k for k, v in _head_alias(part).items()}
+            load_tensors(flat, ckpt_dir / "optimizer")
+        unalias = {v: k for k, v in head_alias(part).items()}
         per_param: dict[str, dict] = {}
         for key, value in [
             *flat.items(),
@@ -559,32 +370,7 @@ def load_checkpoint(
             fqn, name = key.removeprefix("state.").rsplit(".", 1)
             per_param.setdefault(unalias.get(fqn, fqn), {})[name] = _from_json(value)
         # Hyper-parameters come from this run's optimizer (the LR is set every step anyway).
-        set_optimizer_state_dict(part, optimizer, {"state": per_param, "param_groups": rest["param_groups"]})
+        optim_state = cast(OptimizerStateType, {"state": per_param, "param_groups": rest["param_groups"]})
+        set_optimizer_state_dict(part, optimizer, optim_state)
     set_rng_state(state["rng"])
     return state
-
-
-def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
-    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file), plus
-    config.yaml and tokenizer.json; written to a temporary name first. Holds the weights in memory."""
-    from safetensors.torch import save_file
-
-    from lmforge.api import meta_model  # (import here: lmforge.api imports this module)
-
-    check_weight_shapes(model_state_dict(meta_model(ckpt_dir)), ckpt_dir / "model")
-    weights = {}
-    for file in sorted((ckpt_dir / "model").glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                weights[key] = f.get_tensor(key)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Every file goes to a temporary name first; the weights are renamed into place last, so a
-    # model.safetensors is never next to the config of another export.
-    (out_dir / "model.safetensors").unlink(missing_ok=True)
-    for name in ("config.yaml", "tokenizer.json"):
-        shutil.copyfile(ckpt_dir / name, out_dir / f".{name}.tmp")
-        os.replace(out_dir / f".{name}.tmp", out_dir / name)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt", "step": str(read_manifest(ckpt_dir)["step"])})
-    os.replace(tmp, out_dir / "model.safetensors")
-    return out_dir / "model.safetensors"

@@ -1,7 +1,8 @@
-"""torch.compile, applied from outside the model, after parallelism and activation checkpointing.
+"""torch.compile, applied from outside the model (its place in the order: lmforge.train.transforms).
 
 Scopes (`train.compile_scope`):
-- `blocks`: each transformer block is compiled in place (`nn.Module.compile`), as torchtitan does.
+- `blocks`: each transformer block is compiled in place (`nn.Module.compile`) before FSDP2 wraps
+  it, as torchtitan does.
   The blocks share their code, so Dynamo traces it once and every block reuses the graph: compile
   time does not grow with depth, and parameter names (checkpoints) do not change. Embedding, final
   norm and the loss stay eager; FSDP2's hooks stay outside the compiled region.
@@ -18,26 +19,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import nn
+
+from lmforge.models import blocks
 
 CompileScope = Literal["model", "blocks"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
-def transformer_blocks(model: nn.Module) -> nn.ModuleDict:
-    """The blocks of a llama (`layers`) or gpt2 (`h`) model or pipeline stage, keyed by global index."""
-    return model.layers if hasattr(model, "layers") else model.h
-
-
-def apply_compile(
-    step_module: nn.Module, model: nn.Module, scope: CompileScope, mode: CompileMode
-) -> nn.Module:
-    """What the step should call: `step_module` compiled whole, or as is with `model`'s blocks
-    compiled in place. `model` is the bare model (or stage) inside `step_module` (DDP wraps it)."""
-    options = {"mode": None if mode == "default" else mode}
-    if scope == "model":
-        return torch.compile(step_module, **options)
-    for block in transformer_blocks(model).values():
-        block.compile(**options)
-    return step_module
+def compile_blocks(model: nn.Module, mode: CompileMode) -> None:
+    """Compile each block of `model` (a whole model or a pipeline stage) in place. Scope `model`
+    is torch.compile of the module the step calls: see lmforge.train.transforms."""
+    for block in blocks(model).values():
+        block.compile(mode=None if mode == "default" else mode)

@@ -62,7 +62,7 @@ def step_flags(
     A NaN on one rank reaches every rank's gradients through the gradient reduction, but its loss
     stays local, and a signal may reach one rank only: hence the all-reduce (MAX) of both flags.
     Nothing here waits for the device (with NCCL the all-reduce is queued like a kernel); reading
-    the flags on the host is the sync, done every `train.check_every` steps (`read_flags` in pretrain.py).
+    the flags on the host is the sync, done every `train.check_every` steps (`read_flags` in lmforge.train.loop).
     """
     bad = ~torch.isfinite(loss)
     if check_grad:
@@ -78,10 +78,13 @@ def skip_on_device(optimizers: list[torch.optim.Optimizer], flags: torch.Tensor)
     """Step the optimizers, which leave parameters, moments and step counts untouched where
     flags[0] is 1: the fused Adam/AdamW kernels read `found_inf` on the device, as they do for
     torch.amp.GradScaler, so the decision needs no host sync."""
+    # `found_inf` is an attribute the fused kernels read (getattr) that Optimizer's type does not
+    # declare; torch.amp.GradScaler sets it the same way, with the same ignores. 0-dim, like the
+    # step counts it is subtracted from.
     for optimizer in optimizers:
-        optimizer.found_inf = flags[0]  # 0-dim, like the step counts it is subtracted from
+        optimizer.found_inf = flags[0]  # type: ignore[attr-defined]
         optimizer.step()
-        del optimizer.found_inf
+        del optimizer.found_inf  # type: ignore[attr-defined]
         optimizer.zero_grad(set_to_none=True)
 
 

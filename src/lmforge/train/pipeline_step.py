@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lmforge.config import RunConfig
-from lmforge.ops.cross_entropy import cross_entropy
+from lmforge.config import OptimConfig
 from lmforge.parallel.pipeline import (
     build_pipeline_stages,
     build_schedule,
@@ -25,28 +24,31 @@ from lmforge.parallel.pipeline import (
 from lmforge.train.optim import build_optimizer
 
 
-def stages_per_rank(cfg: RunConfig) -> int:
-    return 2 if cfg.parallel.pp_schedule == "interleaved_1f1b" else 1
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule == "interleaved_1f1b" else 1
 
 
 class PipelineStep:
     def __init__(
         self,
         model: nn.Module,
-        cfg: RunConfig,
+        optim: OptimConfig,
+        schedule: str,
         pp_mesh: DeviceMesh,
         device: torch.device,
         n_microbatches: int,
-        parallelize_part: Callable[[nn.Module], object],
+        transform: Callable[[nn.Module], object],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ):
-        """Prunes `model` to this rank's stages, applies TP/FSDP to each (parallelize_part), then
-        builds one optimizer per stage over its final (possibly sharded) parameters."""
+        """Prunes `model` to this rank's stages, applies `transform` to each (the transforms of
+        lmforge.train.transforms: TP, FSDP, ...), then builds one optimizer per stage over its final
+        (possibly sharded) parameters. loss_fn(last stage output, targets): a micro-batch's mean loss."""
         self.pp_mesh = pp_mesh
-        self.stages, self.parts = build_pipeline_stages(model, pp_mesh, stages_per_rank(cfg), device)
+        self.stages, self.parts = build_pipeline_stages(model, pp_mesh, stages_per_rank(schedule), device)
         for part in self.parts:
-            parallelize_part(part)
-        self.optimizers = [build_optimizer(part, cfg.optim, device.type) for part in self.parts]
-        self.schedule = build_schedule(self.stages, n_microbatches, cfg.parallel.pp_schedule, cross_entropy)
+            transform(part)
+        self.optimizers = [build_optimizer(part, optim, device.type) for part in self.parts]
+        self.schedule = build_schedule(self.stages, n_microbatches, schedule, loss_fn)
         self.has_first = any(stage.is_first for stage in self.stages)
         self.has_last = any(stage.is_last for stage in self.stages)
 

@@ -1,0 +1,64 @@
+"""Every change made to a single-device model before training, in one ordered list.
+
+    1. convert        float8 linears, fused projections (module swaps)         train section
+    2. freeze/adapt   frozen layers, LoRA adapters (the Adapt issue)            (next)
+    3. tensor parallel                                                          parallel section
+    4. activation checkpointing                                                 train section
+    5. compile        each block in place (compile_scope blocks)                train section
+    6. FSDP2 / DDP    data parallelism                                          parallel section
+    (7. compile_scope model: torch.compile of the module the step calls, around the DDP wrapper,
+        so that Dynamo's DDPOptimizer can split the graph at gradient-bucket boundaries.)
+
+Why this order: module swaps and adapters change which parameters exist, and every later
+transform must see the final ones; TP shards those parameters before FSDP shards them again;
+activation checkpointing and compile wrap a block's forward whatever its parameters are; FSDP2 is
+last so that its hooks (which Dynamo skips) stay outside the compiled blocks and each block stays
+one FSDP unit. This is torchtitan's order. The same list is applied to a whole model or to each
+pipeline stage; the model code never knows. `lmforge pretrain` and `lmforge bench` both call it.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+from lmforge.config import ParallelConfig, TrainConfig
+from lmforge.parallel.apply import ModelLayout, apply_data_parallel
+from lmforge.parallel.tensor import apply_tensor_parallel
+from lmforge.train.activation_checkpointing import apply_activation_checkpointing
+from lmforge.train.compile import compile_blocks
+from lmforge.train.converters import convert_model
+
+
+def compile_enabled(train: TrainConfig, device: torch.device, pipeline: bool) -> bool:
+    """train.compile, resolved: on by default on CUDA; never for pipeline stages (they run eagerly)."""
+    enabled = train.compile if train.compile is not None else device.type == "cuda"
+    return enabled and not pipeline
+
+
+def apply_transforms(
+    model: nn.Module,
+    train: TrainConfig,
+    parallel: ParallelConfig,
+    layout: ModelLayout,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    compile: bool,
+) -> nn.Module:
+    """Transform `model` (a whole model or one pipeline stage, materialised or on the meta device)
+    in place, in the order above; returns the module a training step calls (the model itself, its
+    DDP wrapper, or the compiled form of either). Build the optimizer after this call."""
+    tp = layout.tp_mesh.size() if layout.tp_mesh is not None else 1
+    convert_model(model, train, tp, device)
+    if layout.tp_mesh is not None:
+        apply_tensor_parallel(model, layout.tp_mesh, sequence_parallel=parallel.sequence_parallel)
+    apply_activation_checkpointing(model, train.activation_checkpointing)
+    if compile and train.compile_scope == "blocks":
+        compile_blocks(model, train.compile_mode)
+    train_module = apply_data_parallel(model, layout, parallel, device, compute_dtype)
+    if compile and train.compile_scope == "model":
+        mode = None if train.compile_mode == "default" else train.compile_mode
+        train_module = cast(nn.Module, torch.compile(train_module, mode=mode))  # an OptimizedModule
+    return train_module
