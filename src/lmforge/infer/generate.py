@@ -10,7 +10,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.models import FamilyModel
+
+
+def check_sampling_args(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    """ConfigError naming the flag and its value if a sampling argument is out of range.
+
+    The CLI calls this before loading a model, so a typo costs nothing; `generate` calls it too.
+    Comparisons are written so that NaN fails them.
+    """
+    if not max_new_tokens > 0:
+        raise ConfigError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and not top_k >= 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def sample(
@@ -20,7 +40,7 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) → next token ids (B, 1). temperature 0 is greedy."""
+    """logits (B, V) → next token ids (B, 1). temperature 0 is greedy; top_p 1.0 keeps every token."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -38,21 +58,20 @@ def sample(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def prefill(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+def prefill(model: FamilyModel, prompt: torch.Tensor) -> torch.Tensor:
     """prompt (B, T) → logits of the last position (B, V); fills the KV cache for positions 0..T-1."""
     input_pos = torch.arange(prompt.size(1), device=prompt.device)
     return model(prompt, input_pos=input_pos)[:, -1, :]
 
 
-def decode_one_token(model: nn.Module, token: torch.Tensor, pos: int) -> torch.Tensor:
+def decode_one_token(model: FamilyModel, token: torch.Tensor, pos: int) -> torch.Tensor:
     """token (B, 1) at absolute position `pos` → logits (B, V)."""
     input_pos = torch.tensor([pos], device=token.device)
     return model(token, input_pos=input_pos)[:, -1, :]
 
 
-@torch.no_grad()
 def generate(
-    model: nn.Module,
+    model: FamilyModel,
     prompt_ids: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -61,7 +80,25 @@ def generate(
     seed: int | None = None,
     eos_id: int | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (stops at eos or max_new_tokens or the context length)."""
+    """An iterator over new token ids, one at a time (stops at eos, max_new_tokens or the context length).
+
+    Raises ConfigError at the call, not at the first token, for out-of-range sampling arguments.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    return _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+
+
+@torch.no_grad()
+def _generate_tokens(
+    model: FamilyModel,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    eos_id: int | None,
+) -> Iterator[int]:
     device = next(model.parameters()).device
     max_seq_len = model.cfg.max_seq_len
     prompt_ids = prompt_ids[-(max_seq_len - 1) :] if prompt_ids else [eos_id or 0]
@@ -69,7 +106,12 @@ def generate(
     if max_new_tokens <= 0:
         return
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    # No seed: seed this generator from the OS, not via torch.seed(), which would also reseed (and
+    # so change) the caller's global RNG stream.
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
     was_training = model.training
     model.eval()
     model.setup_kv_cache(batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens, device=device)
@@ -90,7 +132,7 @@ def generate(
         model.train(was_training)
 
 
-def complete(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, **sampling) -> str:
+def complete(model: FamilyModel, tokenizer, prompt: str, max_new_tokens: int, **sampling) -> str:
     """Generated text for `prompt` (not including the prompt), stopping at eos."""
     eos_id = tokenizer.token_to_id("<|eos|>")
     ids = list(generate(model, tokenizer.encode(prompt).ids, max_new_tokens, eos_id=eos_id, **sampling))
