@@ -53,3 +53,16 @@ def make_debug_config(prepared_dir: Path, **sections):
     for section, overrides in sections.items():
         values[section].update(overrides)
     return parse_config_dict(values)
+
+
+# `make test` runs `pytest -n 2 --dist loadscope --no-loadscope-reorder`: two workers, each taking a
+# whole module at a time (so a module's fixtures are built once), in collection order. The real
+# quickstart is by far the longest test (minutes): first in the order, it starts at once on one
+# worker while the other runs the rest of the suite beside it, instead of at the end.
+FIRST = ("tests/cli/test_quickstart.py",)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    order = {path: rank for rank, path in enumerate(FIRST)}
+    # A stable sort: the other tests keep their order.
+    items.sort(key=lambda item: order.get(item.nodeid.split("::")[0], len(order)))

@@ -34,10 +34,10 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -141,16 +141,14 @@ def prepare_data(
         splitter.finish()
         shards = [record for split in SPLITS for record in writers[split].close()]
 
-    counts = {
-        "documents": dict(splitter.n_documents),
-        "tokens": {split: writers[split].n_tokens for split in SPLITS},
-        "skipped_files": len(skipped),
-    }
+    n_documents = dict(splitter.n_documents)
+    n_tokens = {split: writers[split].n_tokens for split in SPLITS}
+    counts = {"documents": n_documents, "tokens": n_tokens, "skipped_files": len(skipped)}
     logger.info(
         "tokenized %d documents into %d train + %d val tokens in %.1f s (%d workers)",
-        sum(counts["documents"].values()),
-        counts["tokens"]["train"],
-        counts["tokens"]["val"],
+        sum(n_documents.values()),
+        n_tokens["train"],
+        n_tokens["val"],
         time.perf_counter() - t0,
         num_workers,
     )
@@ -244,7 +242,7 @@ class _Encoder:
         self.tokenizer_path = tokenizer_path
         self.eos_id = eos_id
         self.dtype = dtype
-        self._tok = None
+        self._tok: Tokenizer | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tok": None}
@@ -341,7 +339,7 @@ def _encode_batches(
     encoder: _Encoder,
     pool: ProcessPoolExecutor | None,
     num_workers: int,
-) -> Iterator[tuple[list[str], tuple[np.ndarray, np.ndarray]]]:
+) -> Generator[tuple[list[str], tuple[np.ndarray, np.ndarray]], None, None]:
     """Yield ``(origins, (tokens, lengths))`` per batch, in corpus order."""
     batches = _batched(documents, _BATCH_CHARS)
     first = next(batches, None)
@@ -352,6 +350,7 @@ def _encode_batches(
             if batch is not None:
                 yield batch[0], encoder(batch[1])
         return
+    assert first is not None  # a second batch implies a first
     pending: deque[tuple[list[str], Future]] = deque()
     for origins, texts in itertools.chain([first, second], batches):
         pending.append((origins, pool.submit(_encode_in_worker, encoder, texts)))
@@ -394,17 +393,19 @@ class _Splitter:
         split = "val" if score < self.val_fraction else "train"
         other = "train" if split == "val" else "val"
         self.n_documents[split] += 1
-        if self.held[other] is not None:  # the other split is no longer waiting for a document
-            self.writers[other].write(self.held[other][1])
+        held_other = self.held[other]
+        if held_other is not None:  # the other split is no longer waiting for a document
+            self.writers[other].write(held_other[1])
             self.held[other] = None
+        to_write: np.ndarray | None = tokens
         if self.n_documents[other] == 0 and self.val_fraction > 0:
             key = score if split == "train" else -score  # smaller key: closer to the other split
             held = self.held[split]
             if held is None or key < held[0]:
                 self.held[split] = (key, tokens.copy())  # copy: `tokens` is a view of a whole batch
-                tokens = held[1] if held is not None else None
-        if tokens is not None:
-            self.writers[split].write(tokens)
+                to_write = held[1] if held is not None else None
+        if to_write is not None:
+            self.writers[split].write(to_write)
 
     def finish(self) -> None:
         total = sum(self.n_documents.values())
@@ -433,8 +434,8 @@ class _ShardWriter:
         self.shard_tokens = shard_tokens
         self.n_tokens = 0
         self.records: list[dict[str, Any]] = []
-        self._file = None
-        self._hash = None
+        self._file: BinaryIO | None = None  # the open *.bin.tmp shard, if any
+        self._hash = hashlib.sha256()  # of the open shard; replaced when a shard is opened
         self._shard_n_tokens = 0
 
     def write(self, tokens: np.ndarray) -> None:
@@ -456,6 +457,7 @@ class _ShardWriter:
                 self._finish_shard()
 
     def _finish_shard(self) -> None:
+        assert self._file is not None  # called by write() with a shard open
         name = f"{self.split}_{len(self.records):03d}.bin"
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -93,10 +93,10 @@ def _find_files(source: str) -> list[tuple[str, Path]]:
     if any(ch in source for ch in _GLOB_CHARS):
         # Origins are relative to the pattern's folder before its first wildcard ("data" of "data/**/*.txt").
         base = Path(*itertools.takewhile(lambda part: not any(ch in part for ch in _GLOB_CHARS), path.parts))
-        files = [Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
-        if not files:
+        matches = [Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        if not matches:
             raise DataError(f"corpus glob '{source}' matches no files")
-        return _relative_to(base, files)
+        return _relative_to(base, matches)
     raise DataError(
         f"corpus '{source}' does not exist (expected 'stdlib', 'python', a file, a directory or a glob)"
     )
