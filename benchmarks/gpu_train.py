@@ -33,8 +33,11 @@ after the start becomes a row saying it was skipped. Each row is appended to RES
 comes, and each pretraining run's metrics.jsonl is copied to RESULTS/, so a run killed at a time limit
 keeps what it measured (`--table` prints it).
 
-The lent GPU machine runs one command for at most 10 minutes, and all parts take about 20 (see
-docs/speed.md), so benchmarks/gpu_session.sh runs them in groups, one command each.
+The lent GPU machine runs one command for at most 10 minutes, and all parts take about half an hour
+(docs/speed.md, "Time budget"), so benchmarks/gpu_session.sh runs them as optional calls of one or two
+parts each, most value per minute first, after its first call (GPT-2 124M against Hugging Face with
+benchmarks/gpu_bench.py in alternated rounds, then pytest -m gpu). The part gpt2 here is that
+comparison once, without rounds: no optional call runs it.
 
 MFU = (6N + attention FLOPs per token) x tokens/s / 989e12 (H100 SXM dense bf16), as `lmforge bench`.
 Record the table in benchmarks/RESULTS.md with the device, date and commit.
@@ -59,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_bench, speedrun: scripts beside this one
 
-from gpu_bench import bench_hf  # noqa: E402
+from gpu_bench import bench_hf, hf_name  # noqa: E402
 from speedrun import baseline_speed, baseline_steps_for, corpus_summary, prepare_command, run_recipe  # noqa: E402
 from speedrun import print_table as print_speedrun  # noqa: E402
 from speedrun import speedrun as race  # noqa: E402
@@ -231,7 +234,7 @@ def part_gpt2(s: Settings, run: Runner) -> None:
         hf = run.attempt(
             lambda compile=compile: bench_hf(s.batch_small, s.seq_small, s.steps, s.warmup, compile)
         )
-        name = hf[0].get("name", f"HF GPT2LMHeadModel sdpa bf16{' compile' if compile else ''}")
+        name = hf[0].get("name", hf_name(compile, s.precision))
         row = _row("gpt2", name, hf[0], note=hf[1] or "ratio: lmforge / this")
         if ours.get("tokens_per_sec") and hf[0]:
             row["ratio"] = ours["tokens_per_sec"] / hf[0]["tokens_per_sec"]
