@@ -161,7 +161,7 @@ def pretrain(config: RunConfig, out: str, resume: str = "no", resume_from: str |
 PRETRAIN_HELP = (
     "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume [auto] | --resume-from CKPT] "
     "[--section.key=value ...]. "
-    "Sections: model, data, optim, schedule, train, checkpoint, logging."
+    "Sections: model, data, optim, schedule, train, checkpoint, logging, parallel."
 )
 
 
@@ -243,16 +243,37 @@ def _normalize(argv: list[str]) -> list[str]:
     return out
 
 
+def _resume_mode(argv: list[str]) -> str:
+    """The value of `--resume` in argv: no, latest (`--resume` alone) or auto."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--resume="):
+            return arg.split("=", 1)[1]
+        if arg == "--resume":
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            return following if following in ("no", "latest", "auto") else "latest"
+    return "no"
+
+
 def _resume_config(argv: list[str]) -> list[str]:
-    """`pretrain --out DIR --resume` without --config reads DIR/config.yaml (overrides still apply)."""
-    resuming = any(a == "--resume" or a.startswith(("--resume=", "--resume_from")) for a in argv)
+    """`pretrain --out DIR --resume [auto]` (or --resume-from) without --config reads DIR/config.yaml
+    (overrides still apply). `--resume auto` needs one or the other: on a run that has no config.yaml
+    yet it starts the run, which the defaults alone must not do."""
+    mode = _resume_mode(argv)
+    resuming = mode in ("latest", "auto") or any(a.startswith("--resume_from") for a in argv)
     if argv[:1] != ["pretrain"] or not resuming or any(a.startswith("--config") for a in argv):
         return argv
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
     if out is None and "--out" in argv and argv.index("--out") + 1 < len(argv):
         out = argv[argv.index("--out") + 1]
     saved = Path(out) / "config.yaml" if out else None
-    return ["pretrain", "--config", str(saved), *argv[1:]] if saved and saved.is_file() else argv
+    if saved and saved.is_file():
+        return ["pretrain", "--config", str(saved), *argv[1:]]
+    if mode == "auto":
+        raise ConfigError(
+            f"--resume auto: {saved or 'the run directory'} does not exist, and without --config the run "
+            "would start from the default settings: pass --config with the recipe that starts the run"
+        )
+    return argv
 
 
 def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
@@ -291,13 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     # Python stack to stderr: the only clue to where it happened, especially on one rank of many.
     with contextlib.suppress(OSError, ValueError):  # stderr is not a file (captured, redirected in-process)
         faulthandler.enable()
-    argv = _resume_config(_normalize(list(sys.argv[1:] if argv is None else argv)))
+    argv = _normalize(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     if not argv:
         parser.print_help()
         return 2
     try:
-        _dispatch(parser, argv)
+        _dispatch(parser, _resume_config(argv))
     except LmforgeError as err:
         sys.stderr.write(f"lmforge: error: {err}\n")  # one write: ranks' lines do not interleave
         return 2

@@ -6,7 +6,7 @@
     RUN/checkpoints/step_0000100/
         model/               weights, safetensors (torch.distributed.checkpoint's Hugging Face writer)
         optimizer/           optimizer tensors, safetensors (written by lmforge.train.checkpoint)
-        trainer_state.json   step, data position, RNG states, optimizer scalars
+        trainer_state.json   step, data position, non-finite guard, loss scale, RNG states, optimizer scalars
         config.yaml, tokenizer.json
         manifest.json        written last: every file with its size and sha256, the step, the config hash
 

@@ -60,6 +60,16 @@ def test_pretrain_generate_eval(prepared_dir, tmp_path, capsys):
     assert (run / "checkpoints" / "step_0000006").is_dir()
 
 
+def test_resume_auto_without_a_config_is_refused(tmp_path, capsys):
+    """`--resume auto` reads RUN/config.yaml like `--resume`; on a run that has none it would start
+    from the defaults, so it needs --config (examples/slurm.sbatch passes both)."""
+    for resume in (["--resume", "auto"], ["--resume=auto"]):
+        assert main(["pretrain", "--out", str(tmp_path / "new"), *resume]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert "--resume auto" in line and "pass --config" in line
+    assert not (tmp_path / "new").exists()
+
+
 def test_data_prepare(corpus_dir, tmp_path, capsys):
     out = tmp_path / "data"
     assert (

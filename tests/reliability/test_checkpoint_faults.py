@@ -152,6 +152,18 @@ def test_corrupt_checkpoint_falls_back_or_stops_but_never_restarts(corrupt, prep
     assert not checkpoint_dir(out, 10).exists()  # it did not start over from scratch
 
 
+def test_resume_auto_never_restarts_a_run_whose_checkpoints_are_all_corrupt(prepared_dir, straight, tmp_path):
+    """`--resume auto` starts a run only when it has no checkpoint at all: with checkpoints that all
+    fail verification it stops with one line, as `--resume` does, and trains nothing."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    for step in (4, 8):
+        (checkpoint_dir(out, step) / "manifest.json").write_text(json.dumps({"step": step}))  # no files
+    result = run([*pretrain_args(prepared_dir, out, steps=10), "--resume", "auto"], tmp_path)
+    assert result.returncode == 2 and "no valid checkpoint" in error_lines(result)[0], result.stderr[-3000:]
+    assert not checkpoint_dir(out, 10).exists() and losses(out) == losses(straight)
+
+
 def test_disk_full_on_one_rank_is_the_same_clear_error_on_every_rank(prepared_dir, tmp_path):
     """Rank 1 fails mid-save; rank 0 must not wait for it in a collective until the timeout."""
     out = tmp_path / "run"

@@ -7,6 +7,7 @@ what masked LM and SFT do, and adds a metric of its own to each evaluation. It r
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -95,3 +96,27 @@ def test_a_second_objective_trains_through_the_loop_and_resumes_exactly(debug_co
     )
     halves_log = [r["loss"] for r in records(halves) if "loss" in r]
     assert halves_log == [r["loss"] for r in subset_log]
+
+
+def test_an_objective_that_changes_the_loss_says_what_its_pipeline_computes(debug_config):
+    """A subclass that overrides `loss` does not inherit next-token cross-entropy for the pipeline:
+    under parallel.pp > 1 it is refused (before any work) unless it names its own pipeline_loss."""
+    from lmforge.errors import ConfigError
+    from lmforge.models import model_config
+    from lmforge.parallel.mesh import ParallelDims
+    from lmforge.train.pretrain import check_layout
+
+    class Silent(CausalLM):
+        def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+            return super().loss(model, batch) * 2
+
+    class Explicit(Silent):
+        pipeline_loss = staticmethod(cross_entropy)
+
+    assert CausalLM.pipeline_loss is cross_entropy and Explicit.pipeline_loss is cross_entropy
+    assert Silent.pipeline_loss is None and EveryOtherTarget.pipeline_loss is None
+    cfg, model_cfg = debug_config(), model_config("llama", "debug")
+    pipeline, cpu = ParallelDims(pp=2, dp_replicate=1, dp_shard=1, tp=1), torch.device("cpu")
+    with pytest.raises(ConfigError, match="parallel.pp=2: the objective Silent has no pipeline_loss"):
+        check_layout(cfg, model_cfg, pipeline, 2, cpu, Silent)
+    check_layout(cfg, model_cfg, ParallelDims(pp=1, dp_replicate=1, dp_shard=1, tp=1), 1, cpu, Silent)

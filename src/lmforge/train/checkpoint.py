@@ -3,7 +3,8 @@
 The format (layout, manifest, finding and verifying a checkpoint, loading its weights) is
 lmforge.rundir's; this module adds what only training needs: saving atomically under any layout,
 the optimizer's tensors (`optimizer/`, keys `state.<param fqn>.<name>`), the trainer state
-(step, data position, RNG states, optimizer scalars) and restoring all of it.
+(step, data position, non-finite guard, loss scale, RNG states, optimizer scalars) and restoring
+all of it.
 
 Why this design: torch.distributed.checkpoint (DCP) runs in a single process too (no_dist=True)
 and, under torchrun, lets every rank write its own shard and a later run load them under another

@@ -183,8 +183,11 @@ def reached_target(target: float | None, record: dict, log: MetricsLogger) -> bo
 def save(run: TrainingRun, at_step: int) -> None:
     if not run.cfg.checkpoint.enabled:
         return
+    objective_state = run.objective.state_dict()
+    taken = set(objective_state) & {"step", "guard", "grad_scaler", "rng", "optimizer"}
+    assert not taken, f"the objective's state uses the trainer state's own keys {sorted(taken)}"
     trainer_state = {
-        **run.objective.state_dict(),
+        **objective_state,
         "guard": run.guard.state_dict(),
         "grad_scaler": run.step.scaler.state_dict(),
     }

@@ -160,14 +160,16 @@ class MetricsLogger:
             return
         self.bar.update(1)
 
-    def close(self) -> None:
-        if not self.enabled:
+    def close(self, plot: bool = True) -> None:
+        """Close the files and the progress bar, then (plot and logging.plot) write RUN/loss.png.
+        Idempotent: a run that failed closes without plotting, after one that ended normally did."""
+        if not self.enabled or self.file.closed:
             return
         self.bar.close()
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-        if self.cfg.plot:
+        if plot and self.cfg.plot:
             plot_run(self.run_dir)
 
 

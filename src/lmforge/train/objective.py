@@ -78,7 +78,14 @@ def next_token_loss(fused: bool) -> LossFn:
 class CausalLM:
     """Next-token prediction on a prepared corpus: pretraining's objective."""
 
-    pipeline_loss = staticmethod(cross_entropy)
+    pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = staticmethod(cross_entropy)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        # A subclass that changes the loss but not the pipeline's would train next-token
+        # cross-entropy under parallel.pp > 1 without a word: it must say what the pipeline computes.
+        super().__init_subclass__(**kwargs)
+        if "loss" in cls.__dict__ and "pipeline_loss" not in cls.__dict__:
+            cls.pipeline_loss = None
 
     def __init__(
         self,

@@ -46,7 +46,10 @@ class PipelineStep:
         self.pp_mesh = pp_mesh
         self.stages, self.parts = build_pipeline_stages(model, pp_mesh, stages_per_rank(schedule), device)
         for part in self.parts:
-            transform(part)
+            # In place (TP, FSDP2): a wrapper (DDP, a whole-model compile) would be lost here, and
+            # pretrain refuses those for pipeline stages.
+            wrapped = transform(part)
+            assert wrapped is part, f"a pipeline stage was wrapped in {type(wrapped).__name__}"
         self.optimizers = [build_optimizer(part, optim, device.type) for part in self.parts]
         self.schedule = build_schedule(self.stages, n_microbatches, schedule, loss_fn)
         self.has_first = any(stage.is_first for stage in self.stages)

@@ -9,6 +9,7 @@ checkpoint if resuming → the one training loop (lmforge.train.loop).
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -56,17 +57,20 @@ def pretrain(
     run_dir = Path(out)
     dims = resolve_dims(cfg.parallel, world_size_from_env())
     device = local_device(resolve_device(cfg.train.device))
-    with process_group(dims, device, cfg.parallel.timeout_s), StopSignal() as stop_signal:
-        run = _set_up(cfg, run_dir, resume, dims, device, stop_signal, objective)
+    with (
+        process_group(dims, device, cfg.parallel.timeout_s),
+        StopSignal() as stop_signal,
+        ExitStack() as opened,
+    ):
+        # `opened` closes the data loader's workers and the log files however the run ends.
+        run = _set_up(cfg, run_dir, resume, dims, device, stop_signal, objective, opened)
         result = train(run)
-        run.log.close()
-        run.batch_log.close()
-        run.objective.close()
+        run.log.close()  # and RUN/loss.png, for a run that ended normally
         return result
 
 
 def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, device: torch.device,
-            stop_signal: StopSignal, objective_cls: type[CausalLM]) -> TrainingRun:  # fmt: skip
+            stop_signal: StopSignal, objective_cls: type[CausalLM], opened: ExitStack) -> TrainingRun:  # fmt: skip
     ckpt_dir = start_checkpoint(run_dir, cfg, resume)
     if cfg.train.float8:  # before any data is prepared
         check_float8_device(device)
@@ -76,7 +80,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     on_rank0(prepare_run_dir, run_dir, cfg)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
-    fused_loss = check_layout(cfg, model_cfg, dims, accum_steps, device)
+    fused_loss = check_layout(cfg, model_cfg, dims, accum_steps, device, objective_cls)
     mesh = build_mesh(dims, device) if dims.distributed else None
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and in every layout
@@ -90,10 +94,12 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     loader = BatchLoader(data_dir, "train", cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed,
                          dp_rank(mesh, dims) if mesh is not None else 0, dims.dp,
                          pin_memory=device.type == "cuda", num_workers=cfg.data.loader_workers)  # fmt: skip
+    opened.callback(loader.close)
     # Under pp a validation batch is split into the schedule's micro-batches like a training batch.
     val_batch = cfg.train.micro_batch_size * (accum_steps if dims.pp > 1 else 1)
     val_data = val_batches(data_dir, val_batch, cfg.data.seq_len, cfg.train.eval_batches)
     objective = objective_cls(loader, val_data, fused_loss, tokenizer, cfg.train.sample_tokens)
+    opened.callback(objective.close)
 
     guard = NonFiniteGuard(cfg.train)
     start_step = 0
@@ -102,9 +108,11 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         if rank() == 0:
             print(f"resuming from {ckpt_dir} (step {start_step})", flush=True)
     batch_log = BatchLog(run_dir, rank(), start_step, enabled=cfg.logging.batch_hashes)
+    opened.callback(batch_log.close)
     on_rank0(save_config, cfg, run_dir / "config.yaml")
     meta = build_model(model_cfg, "meta")  # counts and FLOPs of the whole model, whatever this rank holds
     log = MetricsLogger(run_dir, cfg.logging, cfg.train.max_steps, start_step, enabled=rank() == 0)
+    opened.callback(log.close, plot=False)
     log.print(
         f"model {cfg.model.family}-{cfg.model.flavor}: {meta.num_params() / 1e6:.2f}M params, "
         f"{device.type} {str(dtype).removeprefix('torch.')}, compile={compile_enabled(cfg.train, device, dims.pp > 1)}, "
@@ -143,8 +151,13 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig) -> None:
 
 
 def check_layout(cfg: RunConfig, model_cfg: FamilyConfig, dims: ParallelDims, accum_steps: int,
-                 device: torch.device) -> bool:  # fmt: skip
+                 device: torch.device, objective_cls: type[CausalLM]) -> bool:  # fmt: skip
     """Refuse, in one line, what this layout cannot run; returns train.fused_loss resolved."""
+    if dims.pp > 1 and objective_cls.pipeline_loss is None:
+        raise ConfigError(
+            f"parallel.pp={dims.pp}: the objective {objective_cls.__name__} has no pipeline_loss "
+            "(the loss of the last stage's output): it cannot run as a pipeline"
+        )
     if dims.distributed:
         validate_layout(
             model_cfg, dims, cfg.parallel, cfg.data.seq_len, cfg.train.micro_batch_size * accum_steps

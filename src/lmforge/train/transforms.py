@@ -11,9 +11,10 @@
 
 Why this order: module swaps and adapters change which parameters exist, and every later
 transform must see the final ones; TP shards those parameters before FSDP shards them again;
-activation checkpointing and compile wrap a block's forward whatever its parameters are; FSDP2 is
-last so that its hooks (which Dynamo skips) stay outside the compiled blocks and each block stays
-one FSDP unit. This is torchtitan's order. The same list is applied to a whole model or to each
+activation checkpointing and compile wrap a block's forward whatever its parameters are (in place:
+nothing is traced before the first call, so compiling before fully_shard traces the same thing);
+FSDP2 and DDP come last because they wrap the model as the other transforms left it, each block one
+FSDP unit, with Dynamo skipping FSDP2's hooks. This is torchtitan's order. The same list is applied to a whole model or to each
 pipeline stage; the model code never knows. `lmforge pretrain` and `lmforge bench` both call it.
 """
 
