@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -11,6 +12,10 @@ import torch
 
 # Tests compare losses across runs with ==; pin the thread count so every run does the same sums.
 torch.set_num_threads(1)
+# The processes the tests start (the CLI, torchrun's ranks) inherit one thread each too: under
+# `make test` two pytest workers and their subprocesses share 2 cores, and more threads than cores
+# make OpenMP's threads spin against each other (a step can then take several times longer).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["argparse.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "heapq.py",

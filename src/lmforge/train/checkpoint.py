@@ -22,17 +22,13 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    OptimizerStateType,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 from lmforge.config import RunConfig, config_sha256, one_line, save_config
@@ -51,6 +47,9 @@ from lmforge.rundir import (
     sha256_file,
     tensor_headers,
 )
+
+if TYPE_CHECKING:  # a type alias of torch's, not needed at run time (torch versions differ)
+    from torch.distributed.checkpoint.state_dict import OptimizerStateType
 
 # ---------------------------------------------------------------------------- tensors via DCP
 
@@ -371,7 +370,7 @@ def load_checkpoint(
             fqn, name = key.removeprefix("state.").rsplit(".", 1)
             per_param.setdefault(unalias.get(fqn, fqn), {})[name] = _from_json(value)
         # Hyper-parameters come from this run's optimizer (the LR is set every step anyway).
-        optim_state = cast(OptimizerStateType, {"state": per_param, "param_groups": rest["param_groups"]})
+        optim_state = cast("OptimizerStateType", {"state": per_param, "param_groups": rest["param_groups"]})
         set_optimizer_state_dict(part, optimizer, optim_state)
     set_rng_state(state["rng"])
     return state
