@@ -102,6 +102,10 @@ def bench(
         pp_schedule: The schedule of layout pipeline: gpipe, 1f1b, or interleaved_1f1b (two stages on this process).
         fsdp_reshard_after_forward: Layout fsdp: free the gathered parameters after forward and gather them again in backward.
     """
+    for flag, value, least in (("batch-size", batch_size, 1), ("seq-len", seq_len, 1), ("steps", steps, 1),
+                               ("warmup", warmup, 0)):  # fmt: skip
+        if value < least:
+            raise ConfigError(f"bench: --{flag} must be >= {least}, got {value}")
     dev = local_device(resolve_device(device))  # with its index: the layouts' process group needs it
     dtype = resolve_precision(precision, dev)
     _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype, optimizer, pp_schedule)

@@ -20,6 +20,9 @@ Points (where the code calls `fault`):
     train.step                  after optimizer step `step` (the step boundary)
     train.loss                  the loss of step `step`, before backward (nan: loss and gradients NaN)
     train.loss_value            the loss of step `step`, after backward (nan: the value only)
+    train.grad                  the gradients of step `step`, after backward and before clipping
+                                (nan: one parameter's gradient set to inf, the loss left finite;
+                                not in the pipeline step)
 
 Actions: kill (SIGKILL itself), stop (SIGSTOP itself: a hung rank), term / int (SIGTERM / SIGINT
 itself: preemption, Ctrl-C), enospc (raise OSError ENOSPC: a full disk), nan (`fault` returns
@@ -49,6 +52,7 @@ POINTS = (
     "train.step",
     "train.loss",
     "train.loss_value",
+    "train.grad",
 )
 ACTIONS = ("kill", "stop", "term", "int", "enospc", "nan")
 

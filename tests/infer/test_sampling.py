@@ -46,17 +46,30 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample(logits, temperature=0.0), logits.argmax(dim=-1, keepdim=True))
 
 
-def test_greedy_generate_equals_argmax_over_the_full_forward(debug_llama):
-    prompt = torch.randint(0, debug_llama.cfg.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
-    generated = list(generate(debug_llama, prompt.tolist(), 24, temperature=0.0))
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_generate_equals_argmax_over_the_full_forward(family):
+    # A freshly initialised debug model tends to pick one token everywhere, whatever the position, so
+    # a decode step at the wrong cache position would go unnoticed: re-draw every weight matrix large
+    # enough that each token's argmax depends on its position and on what it attends to. (Norm weights
+    # and biases keep their init: gpt2's random ln_f bias alone would pick the same few tokens.)
+    torch.manual_seed(0)
+    model = build_model(model_config(family, "debug"))
+    weights = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=weights) * 0.5)
+    prompt = torch.randint(0, model.cfg.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
+    generated = list(generate(model, prompt.tolist(), 24, temperature=0.0))
 
     # The reference: no KV cache, the whole sequence through the model for every token.
     ids = prompt.tolist()
-    debug_llama.eval()
+    model.eval()
     with torch.no_grad():
         for _ in range(24):
-            logits = debug_llama(torch.tensor([ids]))  # (1, T, V)
+            logits = model(torch.tensor([ids]))  # (1, T, V)
             ids.append(int(logits[0, -1].argmax()))
+    assert len(set(ids[len(prompt) :])) >= 8  # the argmax changes along the sequence: not vacuous
     assert generated == ids[len(prompt) :]
 
 

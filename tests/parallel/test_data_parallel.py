@@ -43,6 +43,33 @@ def launch(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=150)
 
 
+def launch_failing(nproc: int, args: list[str], cwd: Path) -> list[str]:
+    """Launch `nproc` ranks as `launch` does, expecting them to fail: each rank's stderr, in rank order.
+
+    torchrun writes each rank's stderr to its own file (--redirects 2), apart from torchrun's own
+    report of the failure (which has a traceback of torchrun's code), so the ranks' lines can be
+    checked exactly.
+    """
+    logs = cwd / "rank_logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "--redirects", "2", "--log-dir", str(logs), "-m", "lmforge", *args]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=150)
+    assert result.returncode != 0, result.stderr[-3000:]
+    files = sorted(logs.glob("*/attempt_0/*/stderr.log"), key=lambda path: int(path.parent.name))
+    assert [int(path.parent.name) for path in files] == list(range(nproc)), files
+    return [path.read_text() for path in files]
+
+
+def assert_one_line_error_on_every_rank(stderrs: list[str], prefix: str, message: str) -> None:
+    """Every rank's stderr is exactly one line, the same `prefix...` error containing `message`; a rank
+    may have written nothing, if torchrun stopped it after another rank failed, but one at least did."""
+    written = [stderr for stderr in stderrs if stderr]
+    assert written, stderrs
+    for stderr in written:
+        assert len(stderr.splitlines()) == 1 and stderr == written[0], stderrs
+    assert written[0].startswith(prefix) and message in written[0], written[0]
+
+
 def assert_close(got: dict[int, float], want: dict[int, float], steps=None) -> None:
     steps = steps or sorted(want)
     for step in steps:
@@ -127,16 +154,9 @@ def test_layout_that_does_not_fit_the_world_fails_fast(prepared_dir, tmp_path):
     args = common_args(
         prepared_dir, tmp_path / "bad", 2, "--parallel.dp_replicate=3", "--parallel.dp_shard=1"
     )
-    result = launch(2, args, tmp_path)
-    assert result.returncode != 0
-    errors = [
-        line for line in result.stderr.splitlines() if line.startswith("lmforge: error: parallel layout")
-    ]
-    assert len(errors) == 2 and "world size is 2" in errors[0]  # one line from each rank
-    # torchrun reports the failed workers with its own traceback; none of it is lmforge's code
-    assert "lmforge/" not in "".join(
-        line for line in result.stderr.splitlines() if line.lstrip().startswith("File")
-    )
+    stderrs = launch_failing(2, args, tmp_path)
+    assert all(stderrs), stderrs  # both ranks check the layout before anything else can fail
+    assert_one_line_error_on_every_rank(stderrs, "lmforge: error: parallel layout", "world size is 2")
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
@@ -172,10 +192,8 @@ def test_meta_init_materialises_only_shards_and_trains(prepared_dir, tmp_path):
     ids=["tp-seq-len", "pp-microbatches", "pp-more-stages-than-layers", "cpu-offload-on-cpu", "muon-fsdp"],
 )
 def test_layout_the_model_cannot_take_fails_fast(layout, message, prepared_dir, tmp_path):
-    result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *layout), tmp_path)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: parallel")]
-    assert errors and message in errors[0], result.stderr[-2000:]
+    stderrs = launch_failing(2, common_args(prepared_dir, tmp_path / "bad", 1, *layout), tmp_path)
+    assert_one_line_error_on_every_rank(stderrs, "lmforge: error: parallel", message)
 
 
 @pytest.mark.slow  # inductor compiles the debug model in each of 2 processes (~20 s a layout)
@@ -212,10 +230,8 @@ def test_fused_projections_under_fsdp_give_the_single_process_losses(prepared_di
     ids=["cuda-graphs-distributed"],
 )
 def test_speed_switch_the_layout_cannot_take_fails_fast(switches, message, prepared_dir, tmp_path):
-    result = launch(2, common_args(prepared_dir, tmp_path / "bad", 1, *switches), tmp_path)
-    assert result.returncode != 0  # (torchrun's own summary of a failed worker has a traceback)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error: config key")]
-    assert errors and message in errors[0], result.stderr[-2000:]
+    stderrs = launch_failing(2, common_args(prepared_dir, tmp_path / "bad", 1, *switches), tmp_path)
+    assert_one_line_error_on_every_rank(stderrs, "lmforge: error: config key", message)
 
 
 def test_export_gathers_a_sharded_checkpoint_into_one_file(prepared_dir, reference, tmp_path):

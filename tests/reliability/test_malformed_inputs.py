@@ -58,15 +58,21 @@ def run_cli_concurrently(commands: dict[str, list[str]], cwd: Path) -> dict[str,
     return results
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *names: str) -> str:
-    """Exit code 2, no traceback, exactly one error line, which contains every one of `names`."""
+def assert_one_line_error(
+    result: subprocess.CompletedProcess, *names: str, warnings: tuple[str, ...] = ()
+) -> str:
+    """Exit code 2 and stderr exactly one `lmforge: error: ...` line, which contains every one of
+    `names`, after exactly the expected `lmforge: warning: ...` lines (each contains its `warnings` entry)."""
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("lmforge: error")]
-    assert len(lines) == 1, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(warnings) + 1, result.stderr[-3000:]
+    *warning_lines, error = lines
+    for line, expected in zip(warning_lines, warnings, strict=True):
+        assert line.startswith("lmforge: warning: ") and expected in line, result.stderr[-3000:]
+    assert error.startswith("lmforge: error: "), result.stderr[-3000:]
     for name in names:
-        assert name in lines[0], lines[0]
-    return lines[0]
+        assert name in error, error
+    return error
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -190,9 +196,10 @@ def test_damaged_checkpoint(case, damaged_results):
     result, names, run = damaged_results[case]
     if case == "truncated-weights-in-run":
         # The run's only checkpoint is skipped with a warning naming the file; the error names the run.
-        assert f"skipping checkpoint step_0000002: checkpoint file {names[0]}" in result.stderr
-        names = [str(run)]
-    assert_one_line_error(result, *names)
+        skipped = f"skipping checkpoint step_0000002: checkpoint file {names[0]}"
+        assert_one_line_error(result, str(run), warnings=(skipped,))
+    else:
+        assert_one_line_error(result, *names)
     assert not (run / "export").exists()  # a failed export leaves nothing behind
 
 

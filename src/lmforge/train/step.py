@@ -106,6 +106,9 @@ class TrainStep:
                     loss = loss * float("nan")
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        if fault("train.grad", step):  # nan: one parameter's gradient infinite, the loss finite
+            grads = (param.grad for param in self.model.parameters() if param.grad is not None)
+            next(grads).fill_(float("inf"))
         if self.tensor_parallel:
             reduce_partial_grads(self.model.parameters())  # sequence-parallel norms' gradients
         self.scaler.unscale_(self.optimizers[0])
