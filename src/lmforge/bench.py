@@ -46,6 +46,7 @@ from lmforge.train.compile import CompileMode, CompileScope
 from lmforge.train.objective import next_token_loss
 from lmforge.train.pipeline_step import PipelineStep, stages_per_rank
 from lmforge.train.step import build_train_step
+from lmforge.train.transforms import compile_enabled
 
 Layout = Literal["plain", "fsdp", "pipeline"]
 
@@ -110,7 +111,6 @@ def bench(
     dtype = resolve_precision(precision, dev)
     _check_layout(layout, microbatches, batch_size, compile, fused_loss, dtype, optimizer, pp_schedule)
     fused_loss = fused_loss if fused_loss is not None else layout != "pipeline"
-    use_compile = compile if compile is not None else dev.type == "cuda" and layout != "pipeline"
     configure_backends(dev)
     torch.manual_seed(seed)
     try:
@@ -120,9 +120,10 @@ def bench(
         raise ConfigError(str(err)) from None
 
     train_cfg = TrainConfig(
-        grad_clip=1.0, compile=use_compile, compile_scope=compile_scope, compile_mode=compile_mode,
+        grad_clip=1.0, compile=compile, compile_scope=compile_scope, compile_mode=compile_mode,
         fused_projections=fused_projections, float8=float8, activation_checkpointing=activation_checkpointing,
     )  # fmt: skip
+    use_compile = compile_enabled(train_cfg, dev, pipeline=layout == "pipeline")  # as pretraining resolves it
     parallel_cfg = ParallelConfig(pp_schedule=pp_schedule, pp_microbatches=microbatches,
                                   fsdp_reshard_after_forward=fsdp_reshard_after_forward)  # fmt: skip
     meta = build_model(model_cfg, "meta")
