@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,11 +51,16 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(point, prepared_dir, tmp
     assert sorted(train) == [1, 2, 4, 5] and train[5]["nonfinite_steps"] == 1
     # The skipped step left weights and optimizer state exactly as step 2 had them.
     before, after = checkpoint_dir(out, 2), checkpoint_dir(out, 3)
+    assert_same_state(before, after)
+    assert adam_step(after) == 2 and adam_step(checkpoint_dir(out, 5)) == 4
+    assert_finite(checkpoint_dir(out, 5))
+
+
+def assert_same_state(before: Path, after: Path) -> None:
+    """Two checkpoints hold the same weights and optimizer state, bit for bit (a skipped step)."""
     for kind in ("model", "optimizer"):
         old, new = tensors(before / kind), tensors(after / kind)
         assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old), kind
-    assert adam_step(after) == 2 and adam_step(checkpoint_dir(out, 5)) == 4
-    assert_finite(checkpoint_dir(out, 5))
 
 
 ROLLBACK = ("--train.nonfinite_patience=3", "--train.rollback_lr_factor=0.5")
@@ -119,9 +125,7 @@ def test_an_infinite_gradient_with_a_finite_loss_skips_the_step(prepared_dir, tm
     assert events == [{"step": 3, "event": "nonfinite", "action": "skip", "nonfinite_steps": 1}]
     assert sorted(losses(out)) == [1, 2, 4]
     before, after = checkpoint_dir(out, 2), checkpoint_dir(out, 3)
-    for kind in ("model", "optimizer"):
-        old, new = tensors(before / kind), tensors(after / kind)
-        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old), kind
+    assert_same_state(before, after)
     assert adam_step(after) == 2 and adam_step(checkpoint_dir(out, 4)) == 3
     assert_finite(checkpoint_dir(out, 4))
 
