@@ -4,7 +4,7 @@
     python benchmarks/ab_throughput.py --before /tmp/before/src --after src [--rounds 5]
 
 Each round runs, in a fresh process per measurement and alternating before/after:
-- `lmforge bench` (llama tiny, 8 x 256, fp32, the step alone on random tokens), and
+- `lmforge bench` (llama tiny, 8 x 256, fp32, eager, the step alone on random tokens), and
 - `lmforge pretrain` of the tiny recipe for --steps steps on a prepared corpus (the whole loop:
   data, step, guards, logging; checkpoints off), whose tokens/s is the mean of its logged steps
   after the first log.
@@ -28,7 +28,8 @@ RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 
 def run_bench(src: str) -> float:
     command = [sys.executable, "-m", "lmforge", "bench", "--family", "llama", "--flavor", "tiny", "--batch-size", "8",
-               "--seq-len", "256", "--steps", "6", "--warmup", "2", "--device", "cpu"]  # fmt: skip
+               "--seq-len", "256", "--steps", "6", "--warmup", "2", "--device", "cpu", "--precision", "fp32",
+               "--compile", "false"]  # fmt: skip
     out = subprocess.run(
         command, env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True, check=True
     )
@@ -42,7 +43,7 @@ def run_pretrain(src: str, data_dir: str, steps: int) -> tuple[float, float]:
                    f"--data.dir={data_dir}", f"--train.max_steps={steps}", "--train.eval_every=0",
                    "--train.eval_batches=1", "--train.sample_tokens=0", "--checkpoint.enabled=false",
                    "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false",
-                   "--logging.log_every=5"]  # fmt: skip
+                   "--logging.log_every=5", "--train.precision=fp32", "--train.compile=false"]  # fmt: skip
         subprocess.run(
             command, env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True, check=True
         )

@@ -19,7 +19,12 @@ from lmforge.rundir import load_model_weights, meta_model, resolve_checkpoint
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[FamilyModel, Tokenizer]:
     """Model (eval mode, fp32) and tokenizer from a run directory (its newest valid checkpoint)
     or a checkpoint directory. `model(ids)` maps (batch, seq) token ids to (batch, seq, vocab) logits."""
-    ckpt_dir = resolve_checkpoint(path)
+    return load_checkpoint(resolve_checkpoint(path), device)
+
+
+def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple[FamilyModel, Tokenizer]:
+    """`load` of a checkpoint directory that lmforge.rundir.resolve_checkpoint already verified
+    (reading every file's sha256 once is enough)."""
     model = meta_model(ckpt_dir)  # no memory spent on an init that is overwritten
     model.to_empty(device=device)
     model.init_weights()  # also fills the buffers that are not saved (e.g. RoPE tables)

@@ -76,7 +76,8 @@ def bench(
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b",
     fsdp_reshard_after_forward: bool = True,
 ) -> dict:
-    """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms and the last loss.
+    """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms, warmup_s (the
+    untimed steps, compilation included) and the last loss.
 
     Args:
         family: A model family of lmforge.models.FAMILIES: llama, gpt2.
@@ -163,9 +164,11 @@ def bench(
             step.update(skip=False)
             losses.append(loss)
 
+        warmup_started = time.perf_counter()
         for _ in range(warmup):
             one_step()
         synchronize(dev)
+        measured["warmup_s"] = time.perf_counter() - warmup_started  # includes compiling
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         started = time.perf_counter()
@@ -204,6 +207,7 @@ def bench(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
         "tokens_per_sec": tokens_per_sec,
         "step_ms": 1000 * elapsed / steps,
+        "warmup_s": measured["warmup_s"],
         "mfu": flops_per_token * tokens_per_sec / peak if peak else None,
         "mfu_peak": peak_source,
         "flops_per_token": flops_per_token,

@@ -157,8 +157,8 @@ class TrainConfig:
         micro_batch_size: Sequences per forward/backward.
         global_batch_tokens: Tokens per optimizer step; gradient accumulation makes up the difference. Default: one micro-batch.
         grad_clip: Clip the global gradient norm to this (0 disables).
-        precision: auto (bf16 autocast on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU), fp32, bf16 or fp16.
-        compile: torch.compile the model; default: on for CUDA.
+        precision: auto (bf16 autocast on GPUs that support it, else fp16 with a GradScaler; on CPU bf16 where the CPU computes it natively, AMX or AVX512_BF16, else fp32), fp32, bf16 or fp16. The run's config.yaml records what auto chose.
+        compile: torch.compile the model; default: on for CUDA (on CPU, where a recipe asks: docs/speed.md). A CPU without a working C++ compiler trains eagerly after one warning line.
         compile_scope: blocks (each transformer block compiled on its own: one trace reused by every block, short compile) or model (one graph for the whole model).
         compile_mode: torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
         fused_projections: llama: one matmul for q, k, v and one for the SwiGLU gate and up projections (same parameters and checkpoints).

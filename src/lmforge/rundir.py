@@ -43,6 +43,7 @@ from lmforge.data.prepare import load_manifest, prepare_data
 from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import FamilyConfig, FamilyModel, build_model, family_spec, model_config, spec_of
+from lmforge.runtime import resolve_precision
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import ValueType
@@ -119,6 +120,17 @@ def meta_model(ckpt_dir: Path) -> FamilyModel:
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
     return build_model(model_cfg, device="meta")
+
+
+def run_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
+    """The compute dtype for evaluating and generating with a checkpoint on `device`: the one its run
+    trained in (config.yaml's train.precision), except that on a CPU a run trained in bf16 or fp16
+    gets what `auto` picks there (bf16 where the CPU computes it natively, fp32 where it would only
+    emulate it, and CPUs have no fp16 autocast)."""
+    precision = load_config(ckpt_dir / "config.yaml").train.precision
+    if device.type == "cpu" and precision != "fp32":
+        precision = "auto"
+    return resolve_precision(precision, device)
 
 
 # ---------------------------------------------------------------------------- checkpoints: find, verify

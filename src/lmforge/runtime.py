@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
+import time
+from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,9 +36,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@functools.cache
+def cpu_native_bf16() -> str | None:
+    """The instructions this CPU computes bf16 matmuls with natively (AMX, AVX512_BF16, or aarch64's
+    BF16 extension), or None where oneDNN would only emulate bf16 (slower than fp32 there).
+
+    On aarch64 PyTorch's own check (oneDNN's, torch.ops.mkldnn._is_mkldnn_bf16_supported) asks
+    for the BF16 extension; on x86 it accepts any AVX-512 core, which converts but has no bf16
+    dot product, so there the CPUID bits cpuinfo reads for torch.cpu are asked instead."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        # Private helpers of torch.cpu (present in torch 2.3 to 2.13); absent, the answer is "no".
+        if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+            return "AMX"
+        return "AVX512_BF16" if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else None
+    return "BF16 extension" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: fp32 on CPU; bf16 on GPUs that support it, else fp16."""
+    """The autocast dtype. auto: bf16 on GPUs that support it, else fp16; on CPU bf16 where the
+    CPU has native bf16 instructions (cpu_native_bf16), else fp32."""
     if precision == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_native_bf16() else torch.float32
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -42,6 +68,28 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
             "config key 'train.precision' is 'fp16', which is not supported on CPU (use fp32 or bf16)"
         )
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+PRECISION_NAMES: dict[torch.dtype, Literal["fp32", "bf16", "fp16"]] = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """What train.precision resolves to on `device` and, for auto, why (the run's first lines)."""
+    name = PRECISION_NAMES[resolve_precision(precision, device)]
+    if precision != "auto":
+        return name
+    if device.type == "cpu":
+        native = cpu_native_bf16()
+        why = f"this CPU computes bf16 natively with {native}" if native else "this CPU has no native bf16"
+    elif device.type == "cuda":
+        why = "this GPU supports bf16" if name == "bf16" else "this GPU has no bf16"
+    else:
+        why = f"device {device.type}"
+    return f"{name} (auto: {why})"
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -70,6 +118,17 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
         if all(w in name for w in words):
             return flops, f"{label} bf16 dense {flops / 1e12:.0f} TFLOP/s"
     return None, f"no peak known for {name}"
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (interpreter start and imports included): its start time
+    from Linux's /proc against the same clock (CLOCK_BOOTTIME); 0.0 where either is not available."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        since_boot_s = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return max(0.0, since_boot_s - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def synchronize(device: torch.device) -> None:

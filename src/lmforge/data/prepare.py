@@ -119,7 +119,9 @@ def prepare_data(
         # Workers start (fork) first, before tokenizer training starts HF's threads in this process.
         pool = cleanup.enter_context(_worker_pool(num_workers)) if num_workers > 0 else None
         tok_file = out_dir / TOKENIZER_FILE
+        t_tokenizer = time.perf_counter()
         tok = _write_tokenizer(source, tok_file, vocab_size, tokenizer_path)
+        tokenizer_s = time.perf_counter() - t_tokenizer
         ids = special_ids(tok)
         dtype = token_dtype(tok.get_vocab_size())
 
@@ -144,12 +146,13 @@ def prepare_data(
     n_documents = dict(splitter.n_documents)
     n_tokens = {split: writers[split].n_tokens for split in SPLITS}
     counts = {"documents": n_documents, "tokens": n_tokens, "skipped_files": len(skipped)}
+    tokenize_s = time.perf_counter() - t0
     logger.info(
         "tokenized %d documents into %d train + %d val tokens in %.1f s (%d workers)",
         sum(n_documents.values()),
         n_tokens["train"],
         n_tokens["val"],
-        time.perf_counter() - t0,
+        tokenize_s,
         num_workers,
     )
     keep = {record["file"] for record in shards}
@@ -170,6 +173,10 @@ def prepare_data(
         "val_fraction": val_fraction,
         "counts": counts,
         "skipped_sample": skipped[:100],  # counts.skipped_files is complete; this is the first 100
+        "seconds": {
+            "tokenizer": round(tokenizer_s, 3),
+            "tokenize": round(tokenize_s, 3),
+        },  # wall time, this machine
         "shards": shards,
     }
     _write_json_atomic(out_dir / MANIFEST_FILE, manifest)

@@ -1,4 +1,5 @@
-"""Validation loss and perplexity, and the unigram entropy a model must beat."""
+"""Validation loss and perplexity, the unigram entropy a model must beat, and bits per byte (a loss
+that compares across tokenizers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, pre_tokenizers
 from torch import nn
 
 from lmforge.ops.cross_entropy import cross_entropy
@@ -49,3 +51,28 @@ def unigram_entropy(shards: Iterable[Path], dtype: str, vocab_size: int) -> floa
         counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """The number of bytes of text each token id stands for, for a byte-level BPE tokenizer (each
+    character of a token's string is one byte there); 0 for special tokens such as <|eos|>."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    special = set(tokenizer.get_added_tokens_decoder())
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, index in tokenizer.get_vocab().items():
+        if index in special:
+            continue
+        if not set(token) <= alphabet:
+            raise ValueError(f"token {index} ({token!r}) is not byte-level BPE: bytes per token are unknown")
+        lengths[index] = len(token)
+    return lengths
+
+
+def bits_per_byte(val_loss: float, targets: Iterable[torch.Tensor], byte_lengths: np.ndarray) -> float:
+    """A mean loss in nats/token over `targets` as bits per byte of the text they encode: comparable
+    across tokenizers, since a smaller vocabulary lowers the loss per token without a better model."""
+    n_tokens = n_bytes = 0
+    for target in targets:
+        n_tokens += target.numel()
+        n_bytes += int(byte_lengths[target.numpy()].sum())
+    return val_loss * n_tokens / (n_bytes * math.log(2))

@@ -13,6 +13,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.models import FamilyModel
+from lmforge.runtime import autocast
 
 
 def check_sampling_args(
@@ -79,13 +80,15 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[int]:
     """An iterator over new token ids, one at a time (stops at eos, max_new_tokens or the context length).
 
+    dtype: the autocast compute dtype of the forward passes (the run's: lmforge.rundir.run_precision).
     Raises ConfigError at the call, not at the first token, for out-of-range sampling arguments.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    return _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id)
+    return _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id, dtype)
 
 
 @torch.no_grad()
@@ -98,6 +101,7 @@ def _generate_tokens(
     top_p: float | None,
     seed: int | None,
     eos_id: int | None,
+    dtype: torch.dtype,
 ) -> Iterator[int]:
     device = next(model.parameters()).device
     max_seq_len = model.cfg.max_seq_len
@@ -114,10 +118,17 @@ def _generate_tokens(
         generator.manual_seed(seed)
     was_training = model.training
     model.eval()
-    model.setup_kv_cache(batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens, device=device)
+    # Under autocast the cache holds what attention reads (bf16/fp16): nothing is cast each step.
+    cache_dtype = None if dtype == torch.float32 else dtype
+    model.setup_kv_cache(
+        batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens, dtype=cache_dtype, device=device
+    )
     try:
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        logits = prefill(model, prompt)
+        # Autocast around each forward, not around the loop: a generator suspended at `yield` would
+        # leave its caller's code running under autocast.
+        with autocast(device, dtype):
+            logits = prefill(model, prompt)
         pos = len(prompt_ids)
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
@@ -125,7 +136,8 @@ def _generate_tokens(
             yield token_id
             if token_id == eos_id or i == max_new_tokens - 1:
                 break
-            logits = decode_one_token(model, token, pos)
+            with autocast(device, dtype):
+                logits = decode_one_token(model, token, pos)
             pos += 1
     finally:
         model.clear_kv_cache()

@@ -17,10 +17,14 @@ compile time (minutes); `max-autotune-no-cudagraphs` does that without the CUDA 
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Literal
 
+import torch
 from torch import nn
 
+from lmforge.config import one_line
 from lmforge.models import blocks
 
 CompileScope = Literal["model", "blocks"]
@@ -32,3 +36,19 @@ def compile_blocks(model: nn.Module, mode: CompileMode) -> None:
     is torch.compile of the module the step calls: see lmforge.train.transforms."""
     for block in blocks(model).values():
         block.compile(mode=None if mode == "default" else mode)
+
+
+@functools.cache
+def cpu_compile_unavailable() -> str | None:
+    """Why torch.compile cannot run on this CPU (Inductor builds C++ kernels: no working compiler,
+    no Python headers), or None where it can. Found by compiling a two-op function once per process
+    (about a second); the first failure warns in one line, and the caller trains eagerly."""
+    try:
+        # arange, not randn: the probe must not draw from the global RNG (the model is initialised after).
+        torch.compile(lambda x: torch.relu(x) * 2.0, fullgraph=True)(torch.arange(8.0))
+    # Whatever the toolchain raises: BackendCompilerFailed, InductorError, CalledProcessError, OSError.
+    except Exception as err:
+        why = one_line(f"{type(err).__name__}: {err}").split(" Set TORCHDYNAMO_VERBOSE")[0][:300]
+        warnings.warn(f"torch.compile does not work on this CPU, training eagerly: {why}", stacklevel=2)
+        return why
+    return None

@@ -63,13 +63,16 @@ class Progress:
     last_log_time: float = 0.0
     last_log_step: int = 0
     paused_s: float = 0.0  # time spent evaluating and checkpointing
+    eval_s: float = 0.0  # evaluating (and the samples printed with each evaluation)
+    checkpoint_s: float = 0.0  # writing checkpoints
 
     def __post_init__(self) -> None:
         self.last_log_time, self.last_log_step = self.started, self.step
 
 
 def train(run: TrainingRun) -> dict:
-    """Train; return the last evaluation ({"step", "val_loss", ...}), or {"step", "stopped_by"}
+    """Train; return the last evaluation ({"step", "val_loss", ..., "train_time_s"}) with the seconds
+    spent evaluating and checkpointing ("eval_time_s", "checkpoint_time_s"), or {"step", "stopped_by"}
     when a stop signal ended the run after a checkpoint."""
     cfg, step_fn, objective, log = run.cfg, run.step, run.objective, run.log
     p = Progress(run.start_step, cfg.train.max_steps)
@@ -106,15 +109,15 @@ def train(run: TrainingRun) -> dict:
             if reached_target(cfg.train.target_val_loss, p.last_eval, log):
                 p.max_steps = p.step  # the end-of-run checkpoint follows; the evaluation is not repeated
         if p.step != p.max_steps and (periodic or stop):
-            save(run, p.step)
+            timed_save(run, p)
         if stop and p.step != p.max_steps:  # preempted: the checkpoint is written, exit cleanly
             return stopped(run, p.step)
         p.last_log_time += time.perf_counter() - paused_at
         p.paused_s += time.perf_counter() - paused_at
     if p.last_eval.get("step") != p.step:
         p.last_eval = evaluate(run, p)
-    save(run, p.step)
-    return p.last_eval
+    timed_save(run, p)
+    return {**p.last_eval, "eval_time_s": p.eval_s, "checkpoint_time_s": p.checkpoint_s}
 
 
 def read_flags(
@@ -160,11 +163,13 @@ def log_train_step(
 def evaluate(run: TrainingRun, p: Progress) -> dict:
     # Seconds this process spent training before this evaluation (evaluations and checkpoints left
     # out): the clock of time-to-loss comparisons.
-    train_clock = time.perf_counter() - p.started - p.paused_s
+    started = time.perf_counter()
+    train_clock = started - p.started - p.paused_s
     record = {"step": p.step, **run.objective.evaluate(run.step), "train_time_s": train_clock}
     run.log.log_eval(record)
     for line in run.objective.samples(run.step, p.step):
         run.log.print(line)
+    p.eval_s += time.perf_counter() - started
     return record
 
 
@@ -178,6 +183,12 @@ def reached_target(target: float | None, record: dict, log: MetricsLogger) -> bo
         f"step {record['step']}: validation loss {record['val_loss']:.4f} <= train.target_val_loss {target}"
     )
     return True
+
+
+def timed_save(run: TrainingRun, p: Progress) -> None:
+    started = time.perf_counter()
+    save(run, p.step)
+    p.checkpoint_s += time.perf_counter() - started
 
 
 def save(run: TrainingRun, at_step: int) -> None:

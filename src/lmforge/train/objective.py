@@ -128,7 +128,7 @@ class CausalLM:
         # until Dynamo gives up on them, for training too.
         with torch.compiler.set_stance("force_eager"):
             text = complete(step.model, self.tokenizer, "def ", self.sample_tokens, temperature=0.8, top_k=50,
-                            seed=at_step)  # fmt: skip
+                            seed=at_step, dtype=step.dtype)  # fmt: skip
         return [f"sample: def {text!r}"]
 
     def state_dict(self) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,14 @@ from lmforge.parallel.mesh import (
     world_size_from_env,
 )
 from lmforge.rundir import check_model_section, data_dir_for, ensure_data, run_model_config
-from lmforge.runtime import configure_backends, peak_flops, resolve_device, resolve_precision
+from lmforge.runtime import (
+    PRECISION_NAMES,
+    configure_backends,
+    describe_precision,
+    peak_flops,
+    resolve_device,
+    resolve_precision,
+)
 from lmforge.train.distributed import on_rank0, process_group, rank
 from lmforge.train.float8 import check_float8_device
 from lmforge.train.guards import NonFiniteGuard, StopSignal
@@ -44,7 +52,8 @@ from lmforge.train.transforms import compile_enabled
 def pretrain(
     cfg: RunConfig, out: str | Path, resume: Resume = False, objective: type[CausalLM] = CausalLM
 ) -> dict:
-    """Train and return the last evaluation ({"step", "val_loss", "val_ppl", "train_time_s"}), or
+    """Train and return the last evaluation ({"step", "val_loss", "val_ppl", "train_time_s"}) with
+    the seconds spent evaluating and checkpointing ({"eval_time_s", "checkpoint_time_s"}), or
     {"step", "stopped_by"} when SIGTERM/SIGINT ended the run after a checkpoint.
 
     resume: True continues from the run's newest valid checkpoint, "auto" does so if there is one
@@ -75,6 +84,9 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     if cfg.train.float8:  # before any data is prepared
         check_float8_device(device)
     dtype = resolve_precision(cfg.train.precision, device)
+    precision = describe_precision(cfg.train.precision, device)
+    # The run's config.yaml (and each checkpoint's) records the choice, so a resumed run keeps it.
+    cfg = replace(cfg, train=replace(cfg.train, precision=PRECISION_NAMES[dtype]))
     configure_backends(device)
     accum_steps, tokens_per_step = batch_geometry(cfg, dims)
     on_rank0(prepare_run_dir, run_dir, cfg)
@@ -115,7 +127,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     opened.callback(log.close, plot=False)
     log.print(
         f"model {cfg.model.family}-{cfg.model.flavor}: {meta.num_params() / 1e6:.2f}M params, "
-        f"{device.type} {str(dtype).removeprefix('torch.')}, compile={compile_enabled(cfg.train, device, dims.pp > 1)}, "
+        f"{device.type} {precision}, compile={compile_enabled(cfg.train, device, dims.pp > 1)}, "
         f"layout {dims}, {tokens_per_step:,} tokens/step ({accum_steps} micro-batches per rank), "
         f"fused_loss={fused_loss}, run directory {run_dir}"
     )

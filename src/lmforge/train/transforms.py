@@ -29,14 +29,18 @@ from lmforge.config import ParallelConfig, TrainConfig
 from lmforge.parallel.apply import ModelLayout, apply_data_parallel
 from lmforge.parallel.tensor import apply_tensor_parallel
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
-from lmforge.train.compile import compile_blocks
+from lmforge.train.compile import compile_blocks, cpu_compile_unavailable
 from lmforge.train.converters import convert_model
 
 
 def compile_enabled(train: TrainConfig, device: torch.device, pipeline: bool) -> bool:
-    """train.compile, resolved: on by default on CUDA; never for pipeline stages (they run eagerly)."""
+    """train.compile, resolved: on by default on CUDA (on CPU the recipes that gain from it ask for it:
+    docs/speed.md); never for pipeline stages (they run eagerly); off, after one warning line, on a
+    CPU where torch.compile cannot build its kernels."""
     enabled = train.compile if train.compile is not None else device.type == "cuda"
-    return enabled and not pipeline
+    if not enabled or pipeline:
+        return False
+    return device.type != "cpu" or cpu_compile_unavailable() is None
 
 
 def apply_transforms(
