@@ -78,7 +78,6 @@ def quickstart(
     result = pretrain(cfg, run_dir, resume="auto")
     if "stopped_by" in result:
         return result
-    pretrain_s = time.perf_counter() - started
 
     measuring = time.perf_counter()
     manifest = load_manifest(data_dir)
@@ -109,7 +108,7 @@ def quickstart(
         "sampling": sampling_s,
     }
     total_s = time.perf_counter() - started
-    phases["start-up and the rest"] = max(0.0, pretrain_s + measuring_s + sampling_s - sum(phases.values()))
+    phases["start-up and the rest"] = max(0.0, total_s - sum(phases.values()))
     print(
         f"\nvalidation loss            {result['val_loss']:.3f} nats/token = {bpb:.3f} bits/byte "
         f"(perplexity {result['val_ppl']:.1f}, step {result['step']})\n"
