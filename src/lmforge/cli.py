@@ -186,6 +186,99 @@ class _ConfigFileAction(ActionConfigFile):
         super().__call__(parser, cfg, values, option_string)
 
 
+def plan(
+    model: str,
+    gpus: int,
+    gpu: str = "h100-sxm",
+    seq: int = 4096,
+    global_batch_tokens: str = "4M",
+    tokens: str | None = None,
+    price: float | None = None,
+    dp_replicate: int | None = None,
+    dp_shard: int | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    micro_batch: int = 1,
+    ac: str = "none",
+    precision: str = "bf16",
+    pp_schedule: str = "1f1b",
+    top: int = 15,
+    json: bool = False,
+    plot: str | None = None,
+    hardware: str | None = None,
+) -> None:
+    """Rank the layouts that train a model on a cluster: memory per GPU, step time, tokens/s, MFU, days, cost.
+
+    Args:
+        model: FAMILY:FLAVOR (llama:70b), FAMILY:FLAVOR,key=value,... or FAMILY:key=value,... (a custom shape).
+        gpus: Number of GPUs.
+        gpu: Device from the catalogue (lmforge/hardware.yaml; --hardware adds more).
+        seq: Sequence length in tokens.
+        global_batch_tokens: Tokens per optimizer step (4M, 4194304); a multiple of seq.
+        tokens: Token budget of the whole run (2T), for days, GPU-hours and cost.
+        price: Price of one GPU-hour, for the cost.
+        dp_replicate: Evaluate one layout: its dp_replicate (default 1).
+        dp_shard: Evaluate one layout: its dp_shard (default: the GPUs the other degrees leave).
+        tp: Evaluate one layout: its tensor-parallel degree (default 1).
+        pp: Evaluate one layout: its pipeline stages (default 1).
+        micro_batch: With a single layout: sequences per micro-batch.
+        ac: With a single layout: activation checkpointing, none, selective or full.
+        precision: With a single layout: bf16 or fp8 matmuls.
+        pp_schedule: With a single layout: 1f1b, gpipe or interleaved_1f1b.
+        top: Rows of the table.
+        json: Print one JSON object per layout instead of the table.
+        plot: Write a PNG of memory per GPU and tokens/s across the candidates.
+        hardware: A YAML file of more devices (the form of lmforge/hardware.yaml).
+    """
+    from lmforge.hardware import device
+    from lmforge.models import build_model
+    from lmforge.plan import planner, report
+
+    if gpus < 1 or seq < 1:
+        raise ConfigError(f"--gpus and --seq must be positive, got {gpus} and {seq}")
+    cfg = planner.parse_model(model)
+    # 4M means about four million: the nearest whole number of sequences (4M / 4096 -> 977 sequences;
+    # write 4194304 for exactly 1024).
+    batch = round(planner.parse_count(global_batch_tokens, "--global-batch-tokens") / seq)
+    if batch < 1:
+        raise ConfigError(f"--global-batch-tokens {global_batch_tokens} is less than one sequence of --seq {seq}")
+    job = planner.Job(
+        cfg,
+        device(gpu, hardware),
+        gpus,
+        seq,
+        batch * seq,
+        planner.parse_count(tokens, "--tokens") if tokens is not None else None,
+        price,
+    )
+    single = any(v is not None for v in (dp_replicate, dp_shard, tp, pp))
+    if single:
+        rest = (dp_replicate or 1) * (tp or 1) * (pp or 1)
+        if dp_shard is None and gpus % rest:
+            raise ConfigError(f"dp_replicate*tp*pp = {rest} does not divide --gpus {gpus}")
+        layout = planner.Layout(dp_replicate or 1, dp_shard or gpus // rest, tp or 1, pp or 1, micro_batch, ac,
+                                precision, pp_schedule)  # fmt: skip
+        estimates = planner.plan(job, [layout])
+    else:
+        estimates = planner.plan(job)
+        if not estimates:
+            raise ConfigError(f"no layout of {gpus} GPUs divides this model and batch (heads, layers, batch)")
+    if json:
+        print(report.json_lines(estimates))
+    else:
+        print(report.header(job, build_model(cfg, "meta").num_params()))
+        print(report.table(estimates, top))
+    if plot:
+        report.plot(estimates, plot, job.device.memory_gib)
+    if not any(e.fits for e in estimates):
+        smallest = None if single else planner.smallest_fitting_cluster(job)
+        raise ConfigError(
+            report.smallest_cluster_line(smallest, job) if not single
+            else f"layout {estimates[0].layout.describe()} needs {estimates[0].memory_gib_per_gpu:.1f} GiB per GPU; "
+            f"{job.device.name} has {job.device.memory_gib:.1f}"
+        )  # fmt: skip
+
+
 def _function_parser(fn, positional: bool = False) -> ArgumentParser:
     parser = ArgumentParser(
         exit_on_error=False, allow_abbrev=False, description=(fn.__doc__ or "").split("\n")[0]
@@ -238,6 +331,9 @@ def build_parser() -> ArgumentParser:
         "bench", _function_parser(bench), help="Throughput on random tokens (one JSON line)."
     )
     commands.add_subcommand("export", _function_parser(export, positional=True), help="One safetensors file.")
+    commands.add_subcommand(
+        "plan", _function_parser(plan), help="Memory and throughput of layouts for a model on a cluster."
+    )
     return parser
 
 
@@ -303,6 +399,7 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
         "eval": evaluate,
         "bench": bench,
         "export": export,
+        "plan": plan,
     }
     kwargs = sub.as_dict()
     kwargs.pop("config", None)

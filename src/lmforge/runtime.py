@@ -13,18 +13,7 @@ from typing import Literal
 import torch
 
 from lmforge.errors import ConfigError
-
-# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets, matched in order
-# against torch.cuda.get_device_name(). MFU is reported against these; the entry used is named.
-PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float, str]] = [
-    (("H100", "PCIe"), 756e12, "H100 PCIe"),
-    (("H100",), 989e12, "H100 SXM"),
-    (("H200",), 989e12, "H200"),
-    (("A100",), 312e12, "A100"),
-    (("L4",), 121e12, "L4"),
-    (("A10",), 125e12, "A10"),
-    (("4090",), 165e12, "RTX 4090"),
-]
+from lmforge.hardware import cuda_device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,10 +103,10 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
     if override:
         return float(override), f"LMFORGE_PEAK_FLOPS={override}"
     name = torch.cuda.get_device_name(device)
-    for words, flops, label in PEAK_BF16_FLOPS:
-        if all(w in name for w in words):
-            return flops, f"{label} bf16 dense {flops / 1e12:.0f} TFLOP/s"
-    return None, f"no peak known for {name}"
+    entry = cuda_device(name)  # lmforge/hardware.yaml, the planner's catalogue
+    if entry is None:
+        return None, f"no peak known for {name}"
+    return entry.bf16_flops, f"{entry.name} bf16 dense {entry.bf16_flops / 1e12:.0f} TFLOP/s"
 
 
 def process_age_s() -> float:

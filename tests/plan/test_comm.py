@@ -1,4 +1,6 @@
-"""comm_per_step against the collectives a real CPU gloo run issues, plus hand-computed cases.
+"""comm_per_step against the collectives a real CPU gloo run issues, plus hand-computed cases;
+and, in the same runs, lmforge.plan.memory.state_bytes against the bytes of each rank's own
+parameters, gradients and optimizer states.
 
 The distributed test starts 2 (then 4) processes once, runs every layout below in them one after
 the other (two untimed warm-up steps: FSDP's lazy init, DDP's bucket rebuild and the pipeline's
@@ -30,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lmforge.models import build_model, model_config
 from lmforge.parallel.mesh import MESH_DIMS, ParallelDims
 from lmforge.plan.comm import MASTER_BYTES, CommVolume, comm_per_step
+from lmforge.plan.memory import StateBytes, state_bytes
 
 MICRO_BATCH, SEQ_LEN = 2, 16
 
@@ -113,6 +116,7 @@ class Case:
     reshard_after_forward: bool = True
     pp_schedule: str = "1f1b"
     pp_microbatches: int | None = None
+    activation_checkpointing: str = "none"
 
     @property
     def parallel_dims(self) -> ParallelDims:
@@ -133,7 +137,12 @@ class Case:
             pp_microbatches=self.pp_microbatches,
             pp_schedule=self.pp_schedule,
             pp_rank=pp_rank,
+            activation_checkpointing=self.activation_checkpointing,
         )
+
+    def predicted_state(self, pp_rank: int) -> StateBytes:
+        cfg = model_config(self.family, self.flavor, **self.overrides)
+        return state_bytes(cfg, self.parallel_dims, pp_rank, self.pp_schedule)
 
 
 CASES_2 = {
@@ -147,6 +156,12 @@ CASES_2 = {
     "tp_sp": Case((1, 1, 1, 2)),
     "tp_no_sp": Case((1, 1, 1, 2), sequence_parallel=False),
     "tp_sp_autocast_bf16": Case((1, 1, 1, 2), bf16=True),  # fp32 residual stream, bf16 matmul outputs
+    # recomputation repeats the checkpointed blocks' forward collectives
+    "tp_sp_full_ac": Case((1, 1, 1, 2), activation_checkpointing="full"),
+    "tp_no_sp_selective_ac": Case(
+        (1, 1, 1, 2), overrides={"n_layers": 3}, sequence_parallel=False, activation_checkpointing="selective"
+    ),
+    "fsdp_full_ac_vocab_513": Case((1, 1, 2, 1), overrides={"vocab_size": 513}, activation_checkpointing="full"),
     "gpt2_tp_sp": Case((1, 1, 1, 2), family="gpt2"),
     "pp_1f1b": Case((2, 1, 1, 1), grad_accum=2, pp_microbatches=2),
     "pp_interleaved_tied": Case(
@@ -195,7 +210,8 @@ def _run_case(case: Case) -> dict:
     cfg = model_config(case.family, case.flavor, **case.overrides)
     torch.manual_seed(0)  # the same weights on every rank
     compute_dtype = torch.bfloat16 if case.bf16 else torch.float32
-    step = build_train_step(cfg, TrainConfig(compile=False), parallel, OptimConfig(), layout_of(dims, mesh), device,
+    train = TrainConfig(compile=False, activation_checkpointing=case.activation_checkpointing)
+    step = build_train_step(cfg, train, parallel, OptimConfig(), layout_of(dims, mesh), device,
                             compute_dtype, pp_mesh=mesh["pp"] if dims.pp > 1 else None,
                             pipeline_loss=cross_entropy)  # fmt: skip
     loss_fn = next_token_loss(fused=False)
@@ -211,7 +227,10 @@ def _run_case(case: Case) -> dict:
         batches = [(rows[:, :-1], rows[:, 1:]) for rows in batch.split(MICRO_BATCH)]
         with recorder if step_number == 3 else contextlib.nullcontext():
             step.forward_backward(batches, loss_fn, step_number)
+            if step_number == 3:
+                grads = _local_bytes(p.grad for part in step.parts for p in part.parameters())
             step.update(skip=False)
+    optimizer_state = (v for opt in step.optimizers for state in opt.state.values() for v in state.values())
     by_dim: dict = defaultdict(lambda: defaultdict(int))
     calls: dict = defaultdict(lambda: defaultdict(int))
     for kind, group, nbytes in recorder.calls:
@@ -223,7 +242,27 @@ def _run_case(case: Case) -> dict:
         "by_dim": {d: dict(k) for d, k in by_dim.items()},
         "calls": {d: dict(k) for d, k in calls.items()},
         "unrecognised": recorder.unrecognised,
+        "state": {
+            "params": _local_bytes(p for part in step.parts for p in part.parameters()),
+            "grads": grads,
+            "optimizer": _local_bytes(optimizer_state),
+        },
     }
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes of the tensors this rank holds (a DTensor's local shard), each tensor once (FSDP2's
+    gradient shards are views into one reduce-scatter buffer per unit: tensors, not storages)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        local = t.to_local() if isinstance(t, DTensor) else t
+        key = (local.data_ptr(), local.numel(), local.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += local.numel() * local.element_size()
+    return total
 
 
 def _worker(rank: int, world_size: int, rendezvous: str, cases: dict[str, Case], out_dir: str) -> None:
@@ -261,6 +300,15 @@ def _check(case: Case, name: str, per_rank: list[dict]) -> None:
         )
         if "pp" in got["by_dim"]:  # a rank receives what its neighbours send (here: as much as it sends)
             assert got["by_dim"]["pp"]["p2p_recv"] == got["by_dim"]["pp"]["p2p"]
+    # Parameters, gradients and optimizer states: the prediction is the largest rank's (torch.chunk
+    # gives the first ranks the larger shards), so it equals the maximum over the ranks of a stage.
+    for pp_rank in {r[name]["pp_rank"] for r in per_rank}:
+        stage_ranks = [r[name]["state"] for r in per_rank if r[name]["pp_rank"] == pp_rank]
+        measured = {key: max(s[key] for s in stage_ranks) for key in ("params", "grads", "optimizer")}
+        predicted = case.predicted_state(pp_rank)
+        assert measured == {"params": predicted.params, "grads": predicted.grads, "optimizer": predicted.optimizer}, (
+            f"pp rank {pp_rank}"
+        )
 
 
 @pytest.mark.slow  # one spawn of 2 processes for all cases, ~15 s on 2 cores: -m "not slow" skips it

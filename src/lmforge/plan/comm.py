@@ -44,6 +44,16 @@ from lmforge.parallel.tensor import validate_tp
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "p2p")
 
+# train.activation_checkpointing -> which blocks are checkpointed: those whose global index is a
+# multiple of this (lmforge.train.activation_checkpointing); 0: none.
+AC_MODES = {"none": 0, "selective": 2, "full": 1}
+
+
+def checkpointed_blocks(blocks: range | list[int], mode: str) -> int:
+    """How many of these blocks (global indices) activation checkpointing `mode` recomputes."""
+    every = AC_MODES[mode]
+    return sum(1 for b in blocks if every and b % every == 0)
+
 # lmforge keeps parameters, their gradients and the optimizer state in fp32 (mixed precision is
 # autocast, or FSDP's param_dtype cast for the all-gather): DDP reduces fp32 gradients, and the
 # gradient norm, the tied-embedding exchange and the pipeline loss are fp32.
@@ -132,6 +142,7 @@ def comm_per_step(
     pp_schedule: str = "1f1b",
     residual_bytes: int | None = None,
     pp_rank: int | None = None,
+    activation_checkpointing: str = "none",
 ) -> CommVolume:
     """The communication of one rank in one optimizer step of `lmforge pretrain` with layout `dims`.
 
@@ -147,8 +158,12 @@ def comm_per_step(
     param_bytes under FSDP (its cast parameters make the whole forward run in param_dtype), else
     4 (fp32 parameters under autocast keep the residual stream in fp32).
     pp_rank: which pipeline rank to describe; default: the one with the most bytes.
+    activation_checkpointing: none, selective or full (train.activation_checkpointing): backward
+    recomputes the forward of the checkpointed blocks, and with it their tensor-parallel collectives.
     """
     _validate(model_cfg, dims, micro_batch_size, seq_len, grad_accum, sequence_parallel)
+    if activation_checkpointing not in AC_MODES:
+        raise ValueError(f"activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}")
     inventory = _Inventory.of(model_cfg)
     if dims.pp > 1:
         stages_per_rank = 2 if pp_schedule == "interleaved_1f1b" else 1
@@ -176,6 +191,7 @@ def comm_per_step(
         residual_bytes=residual_bytes or (param_bytes if dims.dp_shard > 1 else MASTER_BYTES),
         reshard_after_forward=reshard_after_forward,
         sequence_parallel=sequence_parallel,
+        activation_checkpointing=activation_checkpointing,
     )
     if pp_rank is not None:
         if not 0 <= pp_rank < dims.pp:
@@ -397,6 +413,7 @@ class _Step:
     residual_bytes: int
     reshard_after_forward: bool
     sequence_parallel: bool
+    activation_checkpointing: str = "none"
 
     def rank_volume(self, pp_rank: int) -> CommVolume:
         dims, tally = self.dims, _Tally()
@@ -471,7 +488,12 @@ class _Step:
         positions = self.seq_len * inv.dim  # GPT-2's (T, dim) position embedding output
         padded_vocab = math.ceil(inv.vocab_size / self.dims.tp) * self.dims.tp
         logits = self.rows * self.seq_len * padded_vocab * a
-        n_blocks = len(inv.stage_blocks(stage, self.n_stages))
+        stage_blocks = inv.stage_blocks(stage, self.n_stages)
+        n_blocks = len(stage_blocks)
+        # Blocks whose forward backward runs again (activation checkpointing), with their collectives
+        # but the last: torch's non-reentrant checkpoint stops recomputing once the last tensor the
+        # block saved is rebuilt (the MLP's input to its rowwise linear), before its output reduction.
+        n_recomputed = checkpointed_blocks(stage_blocks, self.activation_checkpointing)
         n_row, n_col = inv.tp_counts()
         first, last = stage == 0, stage == self.n_stages - 1
         has_positions = first and inv.plan.position_embedding is not None
@@ -482,6 +504,9 @@ class _Step:
                 for kind in ("all_gather", "reduce_scatter"):
                     tally.add("tp", kind, stream * r, n_blocks * n_row)
                     tally.add("tp", kind, stream * a, n_blocks * n_row)
+                if n_recomputed:  # the forward's input gathers and output reductions, but the last
+                    tally.add("tp", "all_gather", stream * r, n_recomputed * n_row)
+                    tally.add("tp", "reduce_scatter", stream * a, n_recomputed * (n_row - 1))
                 if first:  # rowwise embedding: reduce-scatter forward, all-gather of its gradient
                     tally.add("tp", "reduce_scatter", stream * r)
                     tally.add("tp", "all_gather", stream * r)
@@ -494,7 +519,7 @@ class _Step:
             else:
                 # Forward: one all-reduce per sub-block output; backward: one per colwise linear,
                 # each of which takes the replicated input separately (DTensor.from_local).
-                tally.add("tp", "all_reduce", stream * a, n_blocks * n_row)
+                tally.add("tp", "all_reduce", stream * a, n_blocks * n_row + n_recomputed * (n_row - 1))
                 tally.add("tp", "all_reduce", stream * r, n_blocks * n_col)
                 if first:
                     tally.add("tp", "all_reduce", stream * r)
