@@ -29,7 +29,8 @@ def main() -> None:
     result = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        result[f"{name}_matmul_tflops"] = round(2 * n**3 / best_seconds(lambda: a @ b) / 1e12, 3)
+        seconds = best_seconds(lambda a=a, b=b: a @ b)
+        result[f"{name}_matmul_tflops"] = round(2 * n**3 / seconds / 1e12, 3)
     x = torch.randn(2**28)  # 1 GiB of fp32
     result["read_gbs"] = round(x.numel() * 4 / best_seconds(x.sum, inner=1) / 1e9, 1)
     print(json.dumps(result))

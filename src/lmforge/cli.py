@@ -214,7 +214,7 @@ def plan(
         gpus: Number of GPUs.
         gpu: Device from the catalogue (lmforge/hardware.yaml; --hardware adds more).
         seq: Sequence length in tokens.
-        global_batch_tokens: Tokens per optimizer step (4M, 4194304); a multiple of seq.
+        global_batch_tokens: Tokens per optimizer step; k and M are powers of two (4M = 4194304 = 1024 x 4096).
         tokens: Token budget of the whole run (2T), for days, GPU-hours and cost.
         price: Price of one GPU-hour, for the cost.
         dp_replicate: Evaluate one layout: its dp_replicate (default 1).
@@ -237,11 +237,13 @@ def plan(
     if gpus < 1 or seq < 1:
         raise ConfigError(f"--gpus and --seq must be positive, got {gpus} and {seq}")
     cfg = planner.parse_model(model)
-    # 4M means about four million: the nearest whole number of sequences (4M / 4096 -> 977 sequences;
-    # write 4194304 for exactly 1024).
-    batch = round(planner.parse_count(global_batch_tokens, "--global-batch-tokens") / seq)
+    # Batch sizes count in powers of two (4M = 4 x 2^20 tokens); a count that is not a multiple of
+    # seq is rounded to the nearest whole number of sequences.
+    batch = round(planner.parse_count(global_batch_tokens, "--global-batch-tokens", binary=True) / seq)
     if batch < 1:
-        raise ConfigError(f"--global-batch-tokens {global_batch_tokens} is less than one sequence of --seq {seq}")
+        raise ConfigError(
+            f"--global-batch-tokens {global_batch_tokens} is less than one sequence of --seq {seq}"
+        )
     job = planner.Job(
         cfg,
         device(gpu, hardware),
@@ -338,9 +340,13 @@ def build_parser() -> ArgumentParser:
 
 
 def _normalize(argv: list[str]) -> list[str]:
-    """Accept --max-new-tokens for --max_new_tokens (dotted config keys keep their spelling)."""
+    """Accept --max-new-tokens for --max_new_tokens (dotted config keys keep their spelling), and
+    `--json` alone for `--json=true`."""
     out = []
-    for arg in argv:
+    for index, arg in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg == "--json" and (following is None or following.lower() not in ("true", "false")):
+            arg = "--json=true"  # a switch: `plan --json` alone
         if arg.startswith("--") and "." not in arg.split("=", 1)[0]:
             name, eq, value = arg.partition("=")
             arg = "--" + name[2:].replace("-", "_") + eq + value

@@ -96,7 +96,9 @@ def devices(extra: str | Path | None = None) -> dict[str, Device]:
 def device(name: str, extra: str | Path | None = None) -> Device:
     table = devices(extra)
     if name not in table:
-        raise ConfigError(f"unknown device {name!r}; known: {', '.join(sorted(table))} (add one with --hardware FILE)")
+        raise ConfigError(
+            f"unknown device {name!r}; known: {', '.join(sorted(table))} (add one with --hardware FILE)"
+        )
     return table[name]
 
 
@@ -104,6 +106,9 @@ def cuda_device(cuda_name: str) -> Device | None:
     """The catalogue entry for torch.cuda.get_device_name()'s answer: the first entry, in file
     order, all of whose words for some pattern appear in the name (specific patterns come first)."""
     matches = [
-        (len(words), d) for d in _builtin().values() for words in d.cuda_names if all(w in cuda_name for w in words)
+        (len(words), d)
+        for d in _builtin().values()
+        for words in d.cuda_names
+        if all(w in cuda_name for w in words)
     ]
     return max(matches, key=lambda m: m[0])[1] if matches else None

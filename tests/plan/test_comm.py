@@ -161,7 +161,9 @@ CASES_2 = {
     "tp_no_sp_selective_ac": Case(
         (1, 1, 1, 2), overrides={"n_layers": 3}, sequence_parallel=False, activation_checkpointing="selective"
     ),
-    "fsdp_full_ac_vocab_513": Case((1, 1, 2, 1), overrides={"vocab_size": 513}, activation_checkpointing="full"),
+    "fsdp_full_ac_vocab_513": Case(
+        (1, 1, 2, 1), overrides={"vocab_size": 513}, activation_checkpointing="full"
+    ),
     "gpt2_tp_sp": Case((1, 1, 1, 2), family="gpt2"),
     "pp_1f1b": Case((2, 1, 1, 1), grad_accum=2, pp_microbatches=2),
     "pp_interleaved_tied": Case(
@@ -306,9 +308,11 @@ def _check(case: Case, name: str, per_rank: list[dict]) -> None:
         stage_ranks = [r[name]["state"] for r in per_rank if r[name]["pp_rank"] == pp_rank]
         measured = {key: max(s[key] for s in stage_ranks) for key in ("params", "grads", "optimizer")}
         predicted = case.predicted_state(pp_rank)
-        assert measured == {"params": predicted.params, "grads": predicted.grads, "optimizer": predicted.optimizer}, (
-            f"pp rank {pp_rank}"
-        )
+        assert measured == {
+            "params": predicted.params,
+            "grads": predicted.grads,
+            "optimizer": predicted.optimizer,
+        }, f"pp rank {pp_rank}"
 
 
 @pytest.mark.slow  # one spawn of 2 processes for all cases, ~15 s on 2 cores: -m "not slow" skips it

@@ -54,6 +54,7 @@ def checkpointed_blocks(blocks: range | list[int], mode: str) -> int:
     every = AC_MODES[mode]
     return sum(1 for b in blocks if every and b % every == 0)
 
+
 # lmforge keeps parameters, their gradients and the optimizer state in fp32 (mixed precision is
 # autocast, or FSDP's param_dtype cast for the all-gather): DDP reduces fp32 gradients, and the
 # gradient norm, the tied-embedding exchange and the pipeline loss are fp32.
@@ -163,7 +164,9 @@ def comm_per_step(
     """
     _validate(model_cfg, dims, micro_batch_size, seq_len, grad_accum, sequence_parallel)
     if activation_checkpointing not in AC_MODES:
-        raise ValueError(f"activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}")
+        raise ValueError(
+            f"activation_checkpointing must be one of {AC_MODES}, got {activation_checkpointing!r}"
+        )
     inventory = _Inventory.of(model_cfg)
     if dims.pp > 1:
         stages_per_rank = 2 if pp_schedule == "interleaved_1f1b" else 1

@@ -93,7 +93,9 @@ def state_bytes(
     """Parameters, gradients and optimizer states of pipeline rank `pp_rank`, on its TP and FSDP
     rank 0 (torch.chunk gives the first ranks the larger chunks: rank 0 holds the most)."""
     if optimizer not in OPTIMIZER_STATE:
-        raise ValueError(f"no state model for optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATE)}")
+        raise ValueError(
+            f"no state model for optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATE)}"
+        )
     inventory = _Inventory.of(cfg)
     stages, n_stages = rank_stages(dims, pp_rank, pp_schedule)
     numel = grad_numel = n_tensors = 0
@@ -197,7 +199,9 @@ def activation_bytes(
     return ActivationBytes(saved_blocks, per_block, other)
 
 
-def loss_transient_bytes(cfg: FamilyConfig, rows: int, seq_len: int, compute_bytes: int, fused_loss: bool) -> int:
+def loss_transient_bytes(
+    cfg: FamilyConfig, rows: int, seq_len: int, compute_bytes: int, fused_loss: bool
+) -> int:
     """Bytes alive only while the loss's forward runs: the fused loss's (chunk, V) fp32 logits and
     their compute-dtype softmax; the plain loss's logits and their fp32 upcast for the whole batch."""
     n = min(LOSS_CHUNK, rows * seq_len) if fused_loss else rows * seq_len

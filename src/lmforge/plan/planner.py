@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from lmforge.errors import ConfigError
 from lmforge.hardware import Device
-from lmforge.models import FamilyConfig, build_model, model_config
+from lmforge.models import FamilyConfig, build_model, family_spec, model_config
 from lmforge.parallel.mesh import ParallelDims
 from lmforge.plan.comm import CommVolume, _Inventory, checkpointed_blocks, comm_per_step
 from lmforge.plan.memory import (
@@ -44,7 +44,7 @@ from lmforge.plan.memory import (
 # ---------------------------------------------------------------------------------------------------
 
 # Fraction of the dense peak that the model's matmuls and attention reach on average.
-MATMUL_EFFICIENCY = 0.62
+MATMUL_EFFICIENCY = 0.55
 # Fraction of a link's bandwidth a large NCCL collective reaches (nccl-tests bus bandwidth on DGX
 # A100/H100 nodes is about 75-85% of the per-direction NVLink and InfiniBand figures).
 COMM_EFFICIENCY = 0.8
@@ -93,7 +93,9 @@ class Layout:
     def describe(self) -> str:
         parts = [f"dp{self.dp_replicate}x{self.dp_shard}", f"tp{self.tp}", f"pp{self.pp}"]
         if self.pp > 1:
-            parts.append({"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "interleaved"}[self.pp_schedule])
+            parts.append(
+                {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "interleaved"}[self.pp_schedule]
+            )
         return " ".join([*parts, f"mb{self.micro_batch}", f"ac:{self.ac}", self.precision])
 
 
@@ -263,7 +265,9 @@ def _block_forward_flops_per_token(cfg: FamilyConfig, seq_len: int) -> tuple[int
     return 2 * block_params, 4 * cfg.n_heads * cfg.head_dim * seq_len
 
 
-def _stage_activations(job: Job, layout: Layout, pp_rank: int, n_stages: int, stages: list[int]) -> list[ActivationBytes]:
+def _stage_activations(
+    job: Job, layout: Layout, pp_rank: int, n_stages: int, stages: list[int]
+) -> list[ActivationBytes]:
     inventory = _Inventory.of(job.model)
     return [
         activation_bytes(
@@ -454,25 +458,28 @@ def candidates(job: Job, precisions: tuple[str, ...] | None = None) -> list[Layo
     return out
 
 
-def plan(job: Job, layouts: list[Layout] | None = None) -> list[Estimate]:
-    """Estimates of every valid candidate (or of `layouts`), fastest fitting first, then the rest."""
+def plan(job: Job, layouts: list[Layout] | None = None, strict: bool = True) -> list[Estimate]:
+    """Estimates of every valid candidate, fastest fitting first, then the rest. With `layouts`
+    given, those (strict: a layout lmforge cannot run is an error, not skipped)."""
     estimates = []
     for layout in layouts if layouts is not None else candidates(job):
         try:
             estimates.append(estimate(job, layout))
         except PlanError:
-            if layouts is not None:
+            if layouts is not None and strict:
                 raise
     return sorted(estimates, key=lambda e: (not e.fits, -e.tokens_per_sec))
 
 
 def smallest_fitting_cluster(job: Job, limit: int = 2**17) -> int | None:
-    """The fewest GPUs (a power of two times the node size, from one node) on which some layout
-    fits, at the same global batch; None if none up to `limit`."""
+    """The fewest GPUs (one node times a power of two) on which some layout fits at the same
+    global batch; None if none up to `limit`. Only the leanest layouts are tried (one sequence per
+    micro-batch, full checkpointing, bf16): if none of those fits, no other does."""
     n = job.device.gpus_per_node
     while n <= limit:
         trial = dataclasses.replace(job, n_gpus=n)
-        if any(e.fits for e in plan(trial)):
+        lean = [c for c in candidates(trial, ("bf16",)) if c.micro_batch == 1 and c.ac == "full"]
+        if any(e.fits for e in plan(trial, lean, strict=False)):
             return n
         n *= 2
     return None
@@ -501,12 +508,12 @@ def parse_model(text: str) -> FamilyConfig:
         overrides[key] = _number(value)
     try:
         if flavor is None:
-            from lmforge.models import family_spec
-
             spec = family_spec(family)
             base = list(spec.flavors)[-1]
             names = {f.name for f in dataclasses.fields(spec.config)}
-            derived = {name: None for name in ("ffn_hidden", "n_kv_heads") if name in names}
+            derived: dict[str, object] = {
+                name: None for name in ("ffn_hidden", "n_kv_heads") if name in names
+            }
             return model_config(family, base, **{**derived, **overrides})
         return model_config(family, flavor, **overrides)
     except (ValueError, TypeError) as err:
@@ -522,11 +529,14 @@ def _number(value: str) -> object:
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
-def parse_count(text: str | int | float, what: str) -> float:
-    """4M, 2T, 1.5B, 4096 -> a number."""
+def parse_count(text: str | int | float, what: str, binary: bool = False) -> float:
+    """4M, 2T, 1.5B, 4096 -> a number. binary: k, M, G are powers of 2 (batch sizes: "4M tokens"
+    is 4 x 2^20 = 1024 sequences of 4096)."""
     if isinstance(text, (int, float)):
         return float(text)
     scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    if binary:
+        scale = {"k": 2.0**10, "m": 2.0**20, "g": 2.0**30, "b": 2.0**30}
     s = text.strip().lower()
     try:
         return float(s[:-1]) * scale[s[-1]] if s and s[-1] in scale else float(s)

@@ -48,7 +48,7 @@ def table(estimates: list[Estimate], top: int) -> str:
             "" if e.cost is None else "$" + _si(e.cost),
         ])  # fmt: skip
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    text = ["  ".join(cell.ljust(w) if c < 3 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+    text = ["  ".join(cell.ljust(w) if c < 3 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths, strict=False)))
             for r in rows]  # fmt: skip
     if recommended is not None:
         text.append(f"* recommended: {recommended.layout.describe()} (the fastest layout that fits)")
