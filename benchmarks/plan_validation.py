@@ -44,7 +44,10 @@ class Anchor:
 def anchors() -> list[Anchor]:
     gpt3 = parse_model("gpt2:175b,vocab_size=51200")
     one_t = parse_model("gpt2:dim=25600,n_layers=128,n_heads=160,vocab_size=51200,max_seq_len=2048")
-    llama3_8b = parse_model("llama:8b")
+    # Llama-3.1-8B (Meta's model card and params.json; 8.03B parameters)
+    llama3_8b = parse_model(
+        "llama:dim=4096,n_layers=32,n_heads=32,n_kv_heads=8,ffn_hidden=14336,vocab_size=128256,rope_theta=500000"
+    )
     a100 = device("a100-80gb")
     return [
         Anchor(

@@ -63,6 +63,28 @@ class StageLayout:
 
 
 @dataclass(frozen=True)
+class SavedBytes:
+    """What one forward of the family saves for backward (lmforge.plan.memory adds it up).
+
+    Per token of one block: `norms` (sequence parallelism splits them over tp), `inputs` (the
+    colwise linears' inputs: DTensor keeps them gathered whole), `sharded` (attention and MLP
+    tensors, split over tp by heads and channels); `block_fixed` per block whatever the tokens.
+    `final_norm` per token and `final_fixed` once, on the last stage. Per position of the sequence,
+    once per forward: `block_positions` on a stage that runs blocks (RoPE rows), `first_positions`
+    on the first stage (position ids).
+    """
+
+    norms: int
+    inputs: int
+    sharded: int
+    block_fixed: int
+    final_norm: int
+    final_fixed: int
+    block_positions: int
+    first_positions: int
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Everything lmforge needs to build, split and shard one model family."""
 
@@ -74,5 +96,8 @@ class FamilySpec:
     stages: StageLayout
     tp_plan: TensorParallelPlan
     tp_divisible: tuple[str, ...]  # config fields tensor parallelism must split evenly
+    # (config, compute dtype bytes, norm statistics bytes) -> SavedBytes: the model file's saved
+    # tensors, for the planner (memory.py in the family's folder, checked by tests/plan/test_memory.py)
+    saved_bytes: Callable[[Any, int, int], SavedBytes]
     # module class -> a class with the same parameters and a fused forward (train.fused_projections)
     fused_modules: Mapping[type[nn.Module], type[nn.Module]] = field(default_factory=dict)

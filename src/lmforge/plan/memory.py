@@ -11,32 +11,16 @@ shape plus one fp32 step counter per parameter tensor.
 
 `activation_bytes(cfg, rows, seq_len, ...)`: the bytes autograd saves for backward in one
 micro-batch's forward, as `torch.autograd.graph.saved_tensors_hooks` sees them (storages counted
-once, parameters and buffers left out), derived from what each op of lmforge's model files saves.
-Per token and per block, with D = dim, F = ffn_hidden, H = query heads, c = bytes of the compute
-dtype (4 fp32; 2 when the parameters themselves are bf16, as FSDP2's param_dtype makes them):
-
-    llama  RMSNorm (twice):  the input in fp32 (4D: the stream itself in fp32, an upcast copy in
-                             bf16), the fp32 rsqrt (4) and the fp32 normalised input (4D), then its
-                             output as the next linear's input (cD)
-           attention:        q, k and v after RoPE, k and v repeated to all H heads (lmforge's GQA
-                             expands before SDPA), and SDPA's output: 4cD; SDPA's fp32 log-sum-exp
-                             per head (4H); wo's input is a view of SDPA's output
-           SwiGLU MLP:       w1's and w3's outputs, silu's output, their product (w2's input): 4cF
-           QK-norm adds an RMSNorm over q (H heads) and k (KV heads) per head: 8 bytes per element
-           and 4 per head; in bf16, each RMSNorm also keeps an fp32 copy of its weight (4D, per
-           block, not per token) and RoPE its fp32 cos/sin tables (per forward)
-    gpt2   LayerNorm (twice): input, output (cD each), mean and rstd (s each, s = c on CPU, 4 on CUDA)
-           attention:        the fused qkv output (3cD), SDPA's output (cD) and log-sum-exp (4H)
-           GELU MLP:         c_fc's output and GELU's output (4cD each)
-
-and once per micro-batch: the token ids (int64), the final norm, and the loss: the fused loss
-(lmforge.ops.cross_entropy.linear_cross_entropy) keeps the gradients it computes in forward, of
-the last hidden state (cD per token) and of the head (4 V D); the plain loss (tp or pp > 1) keeps
-the head's input (cD) and the fp32 log-softmax (4V per token).
+once, parameters and buffers left out). What each block saves is the family's own account of its
+model file (models/<family>/memory.py, `FamilySpec.saved_bytes`); this module adds the blocks, the
+embeddings and the loss: the token ids (int64), the final norm, and the fused loss
+(lmforge.ops.cross_entropy.linear_cross_entropy), which keeps the gradients it computes in forward,
+of the last hidden state (cD per token, c the compute dtype's bytes) and of the head (4 V D); the
+plain loss (tp or pp > 1) keeps the head's input (cD) and the fp32 log-softmax (4V per token).
 
 Activation checkpointing replaces a checkpointed block's saved tensors by its input (the stream:
 c bytes per element); backward then holds one block's tensors again while it recomputes it, which
-`peak_transient_bytes` adds. Dropout is taken as 0 (pretraining): a dropout mask is not counted.
+the planner adds (`ActivationBytes.per_block`).
 
 Tensor parallelism divides what lives on heads and MLP channels by tp and, with sequence
 parallelism, the norms by tp too; the linears keep their gathered full-sequence input (DTensor
@@ -48,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lmforge.models import FamilyConfig, GPT2Config, LlamaConfig
+from lmforge.models import FamilyConfig, spec_of
 from lmforge.parallel.mesh import ParallelDims
 from lmforge.plan.comm import MASTER_BYTES, _Inventory, checkpointed_blocks
 
@@ -161,29 +145,15 @@ def activation_bytes(
     if fused_loss is None:
         fused_loss = tp == 1 and first and last
     tokens = rows * seq_len
-    c, D, H, V = compute_bytes, cfg.dim, cfg.n_heads, cfg.vocab_size
+    c, D, V = compute_bytes, cfg.dim, cfg.vocab_size
     sp = tp if sequence_parallel else 1  # the norms see 1/sp of the sequence
-    if isinstance(cfg, LlamaConfig):
-        assert cfg.ffn_hidden is not None and cfg.n_kv_heads is not None
-        rms = 8 * D + 4  # per token: fp32 input, rsqrt, fp32 normalised input
-        sharded = 4 * c * D + 4 * H + 4 * c * cfg.ffn_hidden  # attention and MLP, split by tp
-        weight_copies = 2 * 4 * D if c != 4 else 0  # RMSNorm's weight.float() of a bf16 weight
-        if cfg.qk_norm:
-            q_k = H + cfg.n_kv_heads
-            sharded += 8 * q_k * cfg.head_dim + 4 * q_k
-            weight_copies += 2 * 4 * cfg.head_dim if c != 4 else 0
-        per_block = tokens * (2 * rms) // sp + tokens * 2 * c * D + tokens * sharded // tp + weight_copies
-        final_norm = tokens * rms // sp + (4 * D if c != 4 else 0)
-        rope = 2 * seq_len * (cfg.head_dim // 2) * 4  # the cos and sin rows of this sequence, fp32
-        other = rope if blocks else 0
-    elif isinstance(cfg, GPT2Config):
-        ln = c * D + 2 * norm_stat_bytes  # per token: input, mean and rstd
-        sharded = 4 * c * D + 4 * H + 8 * c * D
-        per_block = tokens * 2 * ln // sp + tokens * 2 * c * D + tokens * sharded // tp
-        final_norm = tokens * ln // sp
-        other = 8 * seq_len if first else 0  # the position ids (int64) the position embedding keeps
-    else:  # pragma: no cover - FamilyConfig is the union of the two
-        raise TypeError(f"no activation model for {type(cfg).__name__}")
+    saved = spec_of(cfg).saved_bytes(cfg, c, norm_stat_bytes)  # the family's models/<family>/memory.py
+    per_block = (
+        tokens * saved.norms // sp + tokens * saved.inputs + tokens * saved.sharded // tp + saved.block_fixed
+    )
+    other = (seq_len * saved.block_positions if blocks else 0) + (
+        seq_len * saved.first_positions if first else 0
+    )
     stream = c * D  # a checkpointed block keeps its input only
     n_checkpointed = checkpointed_blocks(blocks, activation_checkpointing)
     n_kept = len(blocks) - n_checkpointed
@@ -191,7 +161,7 @@ def activation_bytes(
     if first:
         other += 8 * tokens  # the token ids, kept by the embedding
     if last:
-        other += final_norm
+        other += tokens * saved.final_norm // sp + saved.final_fixed
         if fused_loss:
             other += tokens * c * D + 4 * V * D  # the gradients of the hidden state and the head
         else:

@@ -3,7 +3,7 @@ parallel code needs them). SPEC is the family's entry in lmforge.models.FAMILIES
 
 from __future__ import annotations
 
-from lmforge.models.gpt2 import parallelize
+from lmforge.models.gpt2 import memory, parallelize
 from lmforge.models.gpt2.flavors import FLAVORS
 from lmforge.models.gpt2.model import GPT2, GPT2Config
 from lmforge.models.spec import FamilySpec
@@ -17,4 +17,5 @@ SPEC = FamilySpec(
     stages=parallelize.STAGES,
     tp_plan=parallelize.TP_PLAN,
     tp_divisible=parallelize.TP_DIVISIBLE,
+    saved_bytes=memory.saved_bytes,
 )

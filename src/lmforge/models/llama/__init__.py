@@ -3,7 +3,7 @@ parallel code needs them). SPEC is the family's entry in lmforge.models.FAMILIES
 
 from __future__ import annotations
 
-from lmforge.models.llama import fused, parallelize
+from lmforge.models.llama import fused, memory, parallelize
 from lmforge.models.llama.flavors import FLAVORS
 from lmforge.models.llama.model import Llama, LlamaConfig
 from lmforge.models.spec import FamilySpec
@@ -17,5 +17,6 @@ SPEC = FamilySpec(
     stages=parallelize.STAGES,
     tp_plan=parallelize.TP_PLAN,
     tp_divisible=parallelize.TP_DIVISIBLE,
+    saved_bytes=memory.saved_bytes,
     fused_modules=fused.FUSED,
 )
