@@ -34,17 +34,6 @@ FLAVORS: dict[str, LlamaConfig] = {
         rope_theta=500000.0,
         tie_embeddings=True,
     ),
-    # Llama-3.1-8B (Meta's model card and params.json): 8.03B params, untied. Context as for 1b.
-    "8b": LlamaConfig(
-        vocab_size=128256,
-        max_seq_len=8192,
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        ffn_hidden=14336,
-        rope_theta=500000.0,
-    ),
     # Llama-2-7B (Touvron et al. 2023, "Llama 2", table 1, and Meta's params.json): 6.74B params.
     # ffn_hidden is derived: 2/3 * 4 * 4096 = 10922, rounded up to a multiple of 256 = 11008.
     "7b": LlamaConfig(vocab_size=32000, max_seq_len=4096, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32),
