@@ -21,6 +21,7 @@
 #   bash benchmarks/gpu_session.sh train --parts llama1b             # issue 5, points 2, 3  ~4 min
 #   bash benchmarks/gpu_session.sh train --parts scale               # issue 3, point 6      ~4 min
 #   bash benchmarks/gpu_session.sh train --parts corpus,host_sync    # issue 5, point 4      ~3.5 min
+#   bash benchmarks/gpu_session.sh plan                              # issue 16, point 3     ~4 min
 #   bash benchmarks/gpu_session.sh train --parts fp8_loss            # issue 5, point 2      ~6 min
 #   bash benchmarks/gpu_session.sh train --parts speedrun            # issue 5, point 5      ~9 min
 #   bash benchmarks/gpu_session.sh tests|bench [ARGS]                # step 3 or 2 alone, as a retry
@@ -95,7 +96,8 @@ case $what in
   # Configurations not started 8 minutes in are skipped, so the table is still printed in time.
   train) limited gpu_train TERM 580 python3 benchmarks/gpu_train.py --out /tmp/gpu_train --results "$out" \
            --deadline-s 480 "$@" ;;
-  *) echo "unknown: $what (first, tests, bench or train)" >&2; exit 2 ;;
+  plan) limited plan_gpu_check TERM 570 python3 benchmarks/plan_gpu_check.py --results "$out" ;;
+  *) echo "unknown: $what (first, tests, bench, train or plan)" >&2; exit 2 ;;
 esac
 echo "$(( SECONDS - start )) s in all" | tee -a "$out/steps.txt"
 exit "$status"
