@@ -51,7 +51,9 @@ def main() -> None:
         row = {
             "flavor": flavor, "batch": batch, "seq": seq, "ac": ac, "device": gpu.name,
             "memory_gib": measured["peak_mem_gib"],
-            "predicted_memory_gib": predicted.memory_gib_per_gpu - predicted.memory["context"],
+            # what the allocator hands out: no context, no fragmentation allowance
+            "predicted_memory_gib": predicted.memory_gib_per_gpu - predicted.memory["context"]
+            - predicted.memory["fragmentation"],
             "step_s": measured["step_ms"] / 1000, "predicted_step_s": predicted.step_time_s,
         }  # fmt: skip
         row["memory_ratio"] = row["predicted_memory_gib"] / row["memory_gib"]

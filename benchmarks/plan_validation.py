@@ -30,7 +30,7 @@ class Anchor:
     job: Job
     layout: Layout
     published: float  # in `unit`
-    unit: str  # "tflops_per_gpu (eq. 3)" or "tokens_per_sec_per_gpu"
+    unit: str  # "TFLOP/s per GPU (eq. 3)" or "tokens/s per GPU"
 
     def predicted(self) -> float:
         e = estimate(self.job, self.layout)

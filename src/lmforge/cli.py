@@ -253,14 +253,28 @@ def plan(
         planner.parse_count(tokens, "--tokens") if tokens is not None else None,
         price,
     )
+    if top < 1 or (price is not None and price < 0):
+        raise ConfigError(f"--top must be at least 1 and --price not negative, got {top} and {price}")
+    if seq > cfg.max_seq_len:
+        raise ConfigError(f"--seq {seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if plot and not Path(plot).resolve().parent.is_dir():
+        raise ConfigError(f"--plot {plot}: its directory does not exist")
     single = any(v is not None for v in (dp_replicate, dp_shard, tp, pp))
     if single:
-        rest = (dp_replicate or 1) * (tp or 1) * (pp or 1)
+        degrees = [1 if v is None else v for v in (dp_replicate, tp, pp)]
+        if min(degrees) < 1:
+            raise ConfigError(f"--dp-replicate, --tp and --pp must be at least 1, got {degrees}")
+        rest = degrees[0] * degrees[1] * degrees[2]
         if dp_shard is None and gpus % rest:
             raise ConfigError(f"dp_replicate*tp*pp = {rest} does not divide --gpus {gpus}")
-        layout = planner.Layout(dp_replicate or 1, dp_shard or gpus // rest, tp or 1, pp or 1, micro_batch, ac,
-                                precision, pp_schedule)  # fmt: skip
+        shard = gpus // rest if dp_shard is None else dp_shard
+        layout = planner.Layout(
+            degrees[0], shard, degrees[1], degrees[2], micro_batch, ac, precision, pp_schedule
+        )
         estimates = planner.plan(job, [layout])
+    elif (micro_batch, ac, precision, pp_schedule) != (1, "none", "bf16", "1f1b"):
+        raise ConfigError("--micro-batch, --ac, --precision and --pp-schedule describe one layout: give its "
+                          "degrees too (--dp-shard, --tp, --pp), or leave them out to rank every candidate")  # fmt: skip
     else:
         estimates = planner.plan(job)
         if not estimates:

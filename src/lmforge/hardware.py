@@ -7,6 +7,7 @@ One table for the planner (`lmforge plan`) and for MFU in `lmforge bench` and th
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import yaml
 from lmforge.errors import ConfigError
 
 CATALOGUE = Path(__file__).with_name("hardware.yaml")
-_REQUIRED = ("bf16_tflops", "memory_gb", "memory_bandwidth_gbs", "intra_node_gbs", "inter_node_gbs")
+_REQUIRED = ("bf16_tflops", "memory_gib", "memory_bandwidth_gbs", "intra_node_gbs", "inter_node_gbs")
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,19 @@ def _device(name: str, entry: object, source: Path) -> Device:
         gpus_per_node = int(entry.get("gpus_per_node", 8))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: device {name!r}: a figure is not a number ({err})") from None
-    if any(value <= 0 for value in numbers.values()) or gpus_per_node < 1:
-        raise ConfigError(f"{source}: device {name!r}: every figure must be positive")
+    if any(not math.isfinite(value) or value <= 0 for value in numbers.values()) or gpus_per_node < 1:
+        raise ConfigError(f"{source}: device {name!r}: every figure must be a positive number")
+    patterns = entry.get("cuda_names", [])
+    if not isinstance(patterns, list) or not all(
+        isinstance(words, list) and all(isinstance(w, str) for w in words) for words in patterns
+    ):
+        raise ConfigError(f"{source}: device {name!r}: cuda_names must be a list of lists of words")
     fp8 = numbers.get("fp8_tflops")
     return Device(
         name=name,
         bf16_flops=numbers["bf16_tflops"] * 1e12,
         fp8_flops=fp8 * 1e12 if fp8 else None,
-        memory_bytes=numbers["memory_gb"] * 1e9,
+        memory_bytes=numbers["memory_gib"] * 2**30,
         memory_bandwidth=numbers["memory_bandwidth_gbs"] * 1e9,
         intra_node_bandwidth=numbers["intra_node_gbs"] * 1e9,
         inter_node_bandwidth=numbers["inter_node_gbs"] * 1e9,
@@ -73,6 +79,8 @@ def _read(path: Path) -> dict[str, Device]:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:
         raise ConfigError(f"hardware file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"hardware file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"hardware file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -103,8 +111,8 @@ def device(name: str, extra: str | Path | None = None) -> Device:
 
 
 def cuda_device(cuda_name: str) -> Device | None:
-    """The catalogue entry for torch.cuda.get_device_name()'s answer: the first entry, in file
-    order, all of whose words for some pattern appear in the name (specific patterns come first)."""
+    """The catalogue entry for torch.cuda.get_device_name()'s answer: of the entries with a pattern
+    whose words all appear in the name, the one with the longest such pattern (ties: file order)."""
     matches = [
         (len(words), d)
         for d in _builtin().values()

@@ -2,9 +2,10 @@
 
 One process, the real models: a forward under `torch.autograd.graph.saved_tensors_hooks` records
 every tensor saved for backward; each storage counts once, parameters and buffers not at all (they
-are not activations). The prediction must equal the count exactly, for both families, fp32 and bf16
-parameters (FSDP2's param_dtype: parameters cast, buffers left in fp32), QK-norm, and each
-activation checkpointing mode as lmforge applies it.
+are not activations). The prediction must equal the count exactly, for both families, fp32, bf16
+parameters (FSDP2's param_dtype: parameters cast, buffers left in fp32) and fp32 parameters under
+bf16 autocast (lmforge's mixed precision without FSDP), QK-norm, tied embeddings, both losses, and
+each activation checkpointing mode as lmforge applies it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from lmforge.models import build_model, model_config
+from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.parallel.mesh import ParallelDims
 from lmforge.plan.memory import activation_bytes, state_bytes
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
@@ -20,11 +22,12 @@ from lmforge.train.activation_checkpointing import apply_activation_checkpointin
 ROWS, SEQ = 2, 16
 
 
-def saved_bytes(cfg, dtype: torch.dtype, mode: str) -> int:
+def saved_bytes(cfg, precision: str, mode: str, fused_loss: bool = True) -> int:
     torch.manual_seed(0)
     model = build_model(cfg)
-    for p in model.parameters():  # as FSDP2's MixedPrecisionPolicy(param_dtype): parameters only
-        p.data = p.data.to(dtype)
+    if precision == "bf16":
+        for p in model.parameters():  # as FSDP2's MixedPrecisionPolicy(param_dtype): parameters only
+            p.data = p.data.to(torch.bfloat16)
     apply_activation_checkpointing(model, mode)
     not_activations = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
@@ -35,9 +38,10 @@ def saved_bytes(cfg, dtype: torch.dtype, mode: str) -> int:
             seen.setdefault(key, t.untyped_storage().nbytes())
         return t
 
-    idx = torch.randint(0, cfg.vocab_size, (ROWS, SEQ))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(idx, targets=torch.randint(0, cfg.vocab_size, (ROWS, SEQ)))
+    idx, targets = (torch.randint(0, cfg.vocab_size, (ROWS, SEQ)) for _ in range(2))
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "autocast")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        loss = model(idx, targets=targets) if fused_loss else cross_entropy(model(idx), targets)
     loss.backward()  # the saved tensors were all usable
     return sum(seen.values())
 
@@ -51,18 +55,32 @@ CONFIGS = {
 }
 
 
+# precision -> (compute bytes, parameter bytes)
+PRECISIONS = {"fp32": (4, 4), "bf16": (2, 2), "autocast": (2, 4)}
+
+
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_predicted_activation_bytes_equal_what_autograd_saves(name, dtype, mode):
+def test_predicted_activation_bytes_equal_what_autograd_saves(name, precision, mode):
     family, flavor, overrides = CONFIGS[name]
     cfg = model_config(family, flavor, **overrides)
-    c = dtype.itemsize
+    c, p = PRECISIONS[precision]
     # On CPU, LayerNorm keeps its mean and rstd in the input's dtype (fp32 on CUDA).
+    predicted = activation_bytes(cfg, ROWS, SEQ, c, mode, norm_stat_bytes=c, param_bytes=p)
+    assert predicted.total == saved_bytes(cfg, precision, mode)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_plain_loss_too(family, precision):
+    """With tp or pp > 1, lmforge computes the loss from the logits (no fused loss)."""
+    cfg = model_config(family, "debug")
+    c, p = PRECISIONS[precision]
     predicted = activation_bytes(
-        cfg, ROWS, SEQ, compute_bytes=c, activation_checkpointing=mode, norm_stat_bytes=c
+        cfg, ROWS, SEQ, c, "none", fused_loss=False, norm_stat_bytes=c, param_bytes=p
     )
-    assert predicted.total == saved_bytes(cfg, dtype, mode)
+    assert predicted.total == saved_bytes(cfg, precision, "none", fused_loss=False)
 
 
 def test_checkpointing_never_keeps_more():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
+from lmforge.errors import ConfigError
 from lmforge.hardware import device, devices
 from lmforge.models import build_model, model_config
 from lmforge.plan import planner
@@ -95,11 +96,11 @@ def test_catalogue_has_the_devices_and_sources():
 
 def test_user_devices_from_yaml(tmp_path):
     extra = tmp_path / "mine.yaml"
-    extra.write_text("mygpu:\n  bf16_tflops: 100\n  memory_gb: 32\n  memory_bandwidth_gbs: 900\n"
+    extra.write_text("mygpu:\n  bf16_tflops: 100\n  memory_gib: 32\n  memory_bandwidth_gbs: 900\n"
                      "  intra_node_gbs: 100\n  inter_node_gbs: 25\n  gpus_per_node: 4\n")  # fmt: skip
     assert device("mygpu", extra).gpus_per_node == 4
     extra.write_text("mygpu:\n  bf16_tflops: 100\n")
-    with pytest.raises(Exception, match="lacks memory_gb"):
+    with pytest.raises(ConfigError, match="lacks memory_gib"):
         device("mygpu", extra)
 
 
@@ -165,9 +166,17 @@ def test_command_evaluates_one_layout(capsys):
         (["--tp", "3", "--gpus", "3"], "divisible by tp=3"),
         (["--pp", "64", "--gpus", "64"], "pipeline layout"),
         (["--dp-shard", "3"], "uses 3 GPUs"),
-        (["--global-batch-tokens", "lots"], "is not a number"),
+        (["--global-batch-tokens", "lots"], "is not a positive number"),
         (["--model", "llama:7b,dimm=3"], "unknown LlamaConfig field"),
         (["--precision", "fp8", "--gpu", "a100-80gb", "--dp-shard", "8"], "no fp8"),
+        (["--micro-batch", "0", "--dp-shard", "8"], "micro-batch must be at least 1"),
+        (["--tp", "0"], "must be at least 1"),
+        (["--ac", "full"], "describe one layout"),
+        (["--model", "llama:,"], "expected FAMILY:FLAVOR"),
+        (["--global-batch-tokens", "inf"], "not a positive number"),
+        (["--seq", "100000"], "exceeds the model's max_seq_len"),
+        (["--plot", "/no/such/dir/x.png"], "directory does not exist"),
+        (["--top", "-1"], "--top must be at least 1"),
     ],
 )
 def test_bad_input_gets_one_line(capsys, args, message):

@@ -16,7 +16,8 @@ model file (models/<family>/memory.py, `FamilySpec.saved_bytes`); this module ad
 embeddings and the loss: the token ids (int64), the final norm, and the fused loss
 (lmforge.ops.cross_entropy.linear_cross_entropy), which keeps the gradients it computes in forward,
 of the last hidden state (cD per token, c the compute dtype's bytes) and of the head (4 V D); the
-plain loss (tp or pp > 1) keeps the head's input (cD) and the fp32 log-softmax (4V per token).
+plain loss (tp or pp > 1) keeps the head's input (cD), the fp32 log-softmax (4V per token) and the
+targets.
 
 Activation checkpointing replaces a checkpointed block's saved tensors by its input (the stream:
 c bytes per element); backward then holds one block's tensors again while it recomputes it, which
@@ -132,10 +133,14 @@ def activation_bytes(
     sequence_parallel: bool = True,
     fused_loss: bool | None = None,
     norm_stat_bytes: int = 4,
+    param_bytes: int | None = None,
 ) -> ActivationBytes:
     """Bytes saved for backward by one micro-batch of `rows` sequences of `seq_len` tokens.
 
-    compute_bytes: the dtype the parameters compute in (2: bf16 under FSDP2's param_dtype; 4: fp32).
+    compute_bytes: the dtype the matmuls compute in (2: bf16; 4: fp32). param_bytes: the dtype of
+    the parameters as the forward sees them (default compute_bytes: fp32, or bf16 under FSDP2's
+    param_dtype; 4 with compute_bytes 2: fp32 parameters under bf16 autocast, lmforge's mixed
+    precision without FSDP). The residual stream has the parameters' dtype.
     blocks: the global indices of the blocks this rank runs (default: all); first, last: whether it
     runs the embeddings, and the final norm and loss. fused_loss: default as pretrain resolves it
     (on unless tp or pp > 1). norm_stat_bytes: GPT-2's LayerNorm mean and rstd (fp32 on CUDA, the
@@ -147,25 +152,29 @@ def activation_bytes(
     tokens = rows * seq_len
     c, D, V = compute_bytes, cfg.dim, cfg.vocab_size
     sp = tp if sequence_parallel else 1  # the norms see 1/sp of the sequence
-    saved = spec_of(cfg).saved_bytes(cfg, c, norm_stat_bytes)  # the family's models/<family>/memory.py
+    p = compute_bytes if param_bytes is None else param_bytes
+    saved = spec_of(cfg).saved_bytes(cfg, c, p, norm_stat_bytes)  # the family's models/<family>/memory.py
     per_block = (
         tokens * saved.norms // sp + tokens * saved.inputs + tokens * saved.sharded // tp + saved.block_fixed
     )
     other = (seq_len * saved.block_positions if blocks else 0) + (
         seq_len * saved.first_positions if first else 0
     )
-    stream = c * D  # a checkpointed block keeps its input only
+    stream = p * D  # a checkpointed block keeps its input (the stream) only
     n_checkpointed = checkpointed_blocks(blocks, activation_checkpointing)
     n_kept = len(blocks) - n_checkpointed
-    saved_blocks = n_kept * per_block + n_checkpointed * tokens * stream
+    saved_blocks = n_kept * per_block + n_checkpointed * tokens * stream // sp
     if first:
         other += 8 * tokens  # the token ids, kept by the embedding
     if last:
         other += tokens * saved.final_norm // sp + saved.final_fixed
         if fused_loss:
-            other += tokens * c * D + 4 * V * D  # the gradients of the hidden state and the head
+            other += tokens * stream + 4 * V * D  # the gradients of the hidden state and the head
         else:
-            other += tokens * (c * D + 4 * math.ceil(V / tp) * tp)  # head input, fp32 log-softmax
+            # the head's input, the fp32 log-softmax, the targets (int64) and nll_loss's total weight
+            other += tokens * (c * D + 4 * math.ceil(V / tp) * tp + 8) + 4
+            if c != p:  # autocast's bf16 copy of the head's weight
+                other += c * math.ceil(V / tp) * D
     return ActivationBytes(saved_blocks, per_block, other)
 
 

@@ -39,8 +39,8 @@ from lmforge.plan.memory import (
 
 # ---------------------------------------------------------------------------------------------------
 # The free constants (docs/plan.md, "The constants"). Only MATMUL_EFFICIENCY is fitted, on one
-# published run (torchtitan's Llama 3.1 8B on 8 H100s); the others are set from first principles
-# or public microbenchmarks and never tuned against the published runs.
+# published run (GPT-3 175B on 1,024 A100s, benchmarks/plan_validation.py --fit); the others are
+# set from first principles or public microbenchmarks and never tuned against the published runs.
 # ---------------------------------------------------------------------------------------------------
 
 # Fraction of the dense peak that the model's matmuls and attention reach on average.
@@ -120,7 +120,7 @@ class Job:
 class Estimate:
     layout: Layout
     memory: dict[str, float]  # GiB per GPU, by part
-    step: dict[str, float]  # seconds per step, by part
+    step: dict[str, float]  # seconds per step, by part ("comm DIM KIND": one collective's exposed time)
     grad_accum: int
     model_flops_per_token: int
     job: Job = field(repr=False)
@@ -136,6 +136,10 @@ class Estimate:
     @property
     def step_time_s(self) -> float:
         return sum(self.step.values())
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return sum(t for part, t in self.step.items() if part.startswith("comm"))
 
     @property
     def tokens_per_sec(self) -> float:
@@ -174,6 +178,7 @@ class Estimate:
             "fits": self.fits,
             "step_time_s": self.step_time_s,
             "step_s": self.step,
+            "exposed_comm_s": self.exposed_comm_s,
             "tokens_per_sec": self.tokens_per_sec,
             "tflops_per_gpu": self.tflops_per_gpu,
             "mfu": self.mfu,
@@ -191,6 +196,9 @@ class Estimate:
 def check_layout(job: Job, layout: Layout) -> int:
     """Refuse a layout lmforge cannot run for this job; returns the micro-batches per step per rank."""
     cfg, dims = job.model, layout.dims
+    for name in ("dp_replicate", "dp_shard", "tp", "pp", "micro_batch"):
+        if getattr(layout, name) < 1:
+            raise PlanError(f"{name.replace('_', '-')} must be at least 1, got {getattr(layout, name)}")
     if layout.n_gpus != job.n_gpus:
         raise PlanError(
             f"layout {layout.describe()} uses {layout.n_gpus} GPUs (dp_replicate*dp_shard*tp*pp), not {job.n_gpus}"
@@ -245,6 +253,12 @@ def _comm(job: Job, layout: Layout, grad_accum: int, pp_rank: int | None) -> Com
     )
 
 
+def param_bytes(layout: Layout) -> int:
+    """The parameters' dtype in the forward: FSDP2 gathers them in bf16 (its param_dtype); without
+    FSDP, lmforge's mixed precision is bf16 autocast over fp32 parameters."""
+    return 2 if layout.dp_shard > 1 else 4
+
+
 def _link(job: Job, layout: Layout, dim: str) -> float:
     """Bandwidth of the slowest link a ring over mesh dimension `dim` crosses, in bytes/s.
 
@@ -254,7 +268,7 @@ def _link(job: Job, layout: Layout, dim: str) -> float:
     stride = {"tp": 1, "dp_shard": dims.tp, "dp_replicate": dims.tp * dims.dp_shard,
               "pp": dims.tp * dims.dp_shard * dims.dp_replicate}[dim]  # fmt: skip
     size = {"tp": dims.tp, "dp_shard": dims.dp_shard, "dp_replicate": dims.dp_replicate, "pp": dims.pp}[dim]
-    in_node = stride * size <= device.gpus_per_node or (dim == "pp" and stride < device.gpus_per_node)
+    in_node = stride * size <= device.gpus_per_node  # else some hop crosses nodes and sets the pace
     return (device.intra_node_bandwidth if in_node else device.inter_node_bandwidth) * COMM_EFFICIENCY
 
 
@@ -281,6 +295,7 @@ def _stage_activations(
             last=stage == n_stages - 1,
             tp=layout.tp,
             sequence_parallel=layout.pp == 1,
+            param_bytes=param_bytes(layout),
         )
         for stage in stages
     ]
@@ -321,8 +336,14 @@ def _memory(job: Job, layout: Layout, grad_accum: int, pp_rank: int) -> dict[str
     )
     block_numel = sum(inventory.tp_local_numel(p, dims.tp) for p in inventory.params if p.block == 0)
     if dims.dp_shard > 1:
-        gathered = stage_numel * 2 if dims.pp > 1 else 2 * block_numel * 2
-        buffers = gathered + block_numel * 4
+        root_numel = stage_numel - block_numel * len(inventory.stage_blocks(stages[0], n_stages)) * len(
+            stages
+        )
+        # the root unit stays gathered all step; with stages, the whole stage does
+        gathered = stage_numel * 2 if dims.pp > 1 else (2 * block_numel + max(root_numel, 0)) * 2
+        # Without gradient sync on the accumulation micro-batches, FSDP2 keeps every parameter's
+        # unsharded fp32 gradient until the last one; else one unit's at a time.
+        buffers = gathered + (stage_numel if grad_accum > 1 else block_numel) * 4
     elif dims.dp_replicate > 1:
         buffers = stage_numel * 4
     else:
@@ -354,7 +375,8 @@ def _step_time(job: Job, layout: Layout, grad_accum: int, flops_per_token: int) 
     compute = per_gpu * (matmul_flops / matmul_peak + attention_flops / device.bf16_flops) / MATMUL_EFFICIENCY
     # Elementwise traffic: every byte saved for backward is written, read and has its gradient
     # written and read (the recomputed blocks' bytes twice).
-    acts = activation_bytes(cfg, 1, job.seq_len, 2, "none", tp=dims.tp, sequence_parallel=dims.pp == 1)
+    acts = activation_bytes(cfg, 1, job.seq_len, 2, "none", tp=dims.tp, sequence_parallel=dims.pp == 1,
+                            param_bytes=param_bytes(layout))  # fmt: skip
     saved_per_token = (acts.per_block * cfg.n_layers / dims.pp) / job.seq_len
     saved_per_token *= 1 + recomputed / cfg.n_layers
     memory = rank_tokens * saved_per_token * ELEMENTWISE_TRAFFIC_PER_SAVED_BYTE / device.memory_bandwidth
@@ -364,16 +386,24 @@ def _step_time(job: Job, layout: Layout, grad_accum: int, flops_per_token: int) 
     bubble = busy * (dims.pp - 1) / (grad_accum * v) if dims.pp > 1 else 0.0
     # Communication of the busiest pipeline rank, by mesh dimension.
     volume = _comm(job, layout, grad_accum, None)
-    wire = {dim: _wire(volume, dim) for dim in volume.by_dim}
-    seconds = {dim: wire[dim] / _link(job, layout, dim) for dim in wire}
-    latency = volume.n_calls * COLLECTIVE_LATENCY_S
+    # Seconds of each collective (mesh dim, kind) at the link its group crosses.
+    seconds = {
+        (dim, kind): _wire(volume, dim, kind) / _link(job, layout, dim)
+        for dim, kinds in volume.by_dim.items()
+        for kind in kinds
+    }
     # TP and pipeline sends are on the critical path (lmforge overlaps neither). FSDP's gathers and
     # reduce-scatters and DDP's all-reduce overlap the compute: what does not fit under it is exposed,
     # plus the first gather and the last reduction, one unit's worth.
     n_units = cfg.n_layers // dims.pp + 1
-    exposed_tp = seconds.get("tp", 0.0) + seconds.get("pp", 0.0)
-    overlapped = seconds.get("dp_shard", 0.0) + seconds.get("dp_replicate", 0.0)
-    exposed_dp = max(0.0, overlapped - busy) + overlapped / n_units
+    overlapped = sum(t for (dim, _), t in seconds.items() if dim.startswith("dp"))
+    exposed_fraction = (
+        (max(0.0, overlapped - busy) + overlapped / n_units) / overlapped if overlapped else 0.0
+    )
+    comm = {
+        f"comm {dim} {kind}": t * (exposed_fraction if dim.startswith("dp") else 1.0)
+        for (dim, kind), t in sorted(seconds.items())
+    }
     # The optimizer step: memory-bound over the rank's shard.
     shard = state_bytes(cfg, dims, 0, layout.pp_schedule).params / 4
     optimizer = shard * OPTIMIZER_ACCESSES * 4 / device.memory_bandwidth
@@ -381,20 +411,16 @@ def _step_time(job: Job, layout: Layout, grad_accum: int, flops_per_token: int) 
         "compute": compute,
         "elementwise": memory,
         "bubble": bubble,
-        "tp_pp_comm": exposed_tp,
-        "dp_comm": exposed_dp,
-        "latency": latency,
+        **comm,
+        "comm latency": volume.n_calls * COLLECTIVE_LATENCY_S,
         "optimizer": optimizer,
     }
 
 
-def _wire(volume: CommVolume, dim: str) -> float:
-    """Bytes this rank sends over mesh dimension `dim` with ring algorithms."""
-    n = volume.group_sizes[dim]
-    sent = 0.0
-    for kind, size in volume.by_dim[dim].items():
-        sent += size * {"all_reduce": 2 * (n - 1) / n, "p2p": 1.0}.get(kind, (n - 1) / n)
-    return sent
+def _wire(volume: CommVolume, dim: str, kind: str) -> float:
+    """Bytes this rank sends in collectives `kind` over mesh dimension `dim`, with ring algorithms."""
+    n, size = volume.group_sizes[dim], volume.by_dim[dim][kind]
+    return size * {"all_reduce": 2 * (n - 1) / n, "p2p": 1.0}.get(kind, (n - 1) / n)
 
 
 def estimate(job: Job, layout: Layout) -> Estimate:
@@ -496,7 +522,7 @@ def parse_model(text: str) -> FamilyConfig:
     A custom shape takes the fields it does not name from the family's largest flavor (its vocab
     and context), with the derived ones (llama's ffn_hidden, n_kv_heads) derived again."""
     family, sep, rest = text.partition(":")
-    if not sep or not rest:
+    if not sep or not rest.strip(","):
         raise PlanError(f"--model {text!r}: expected FAMILY:FLAVOR or FAMILY:key=value,... (e.g. llama:70b)")
     parts = [p for p in rest.split(",") if p]
     flavor = parts[0] if "=" not in parts[0] else None
@@ -539,6 +565,9 @@ def parse_count(text: str | int | float, what: str, binary: bool = False) -> flo
         scale = {"k": 2.0**10, "m": 2.0**20, "g": 2.0**30, "b": 2.0**30}
     s = text.strip().lower()
     try:
-        return float(s[:-1]) * scale[s[-1]] if s and s[-1] in scale else float(s)
+        value = float(s[:-1]) * scale[s[-1]] if s and s[-1] in scale else float(s)
     except ValueError:
-        raise PlanError(f"{what} {text!r} is not a number (e.g. 4M, 2T, 4194304)") from None
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise PlanError(f"{what} {text!r} is not a positive number (e.g. 4M, 2T, 4194304)")
+    return value

@@ -42,7 +42,7 @@ def table(estimates: list[Estimate], top: int) -> str:
             "*" if e is recommended else "", str(i), e.layout.describe(), f"{e.memory_gib_per_gpu:.1f}",
             "yes" if e.fits else "NO", f"{m['parameters'] + m['gradients'] + m['optimizer']:.1f}",
             f"{m['activations']:.1f}", f"{e.step_time_s:.3f}", f"{s['compute'] + s['elementwise']:.3f}",
-            f"{s['tp_pp_comm'] + s['dp_comm'] + s['latency']:.3f}", f"{s['bubble']:.3f}",
+            f"{e.exposed_comm_s:.3f}", f"{s['bubble']:.3f}",
             _si(e.tokens_per_sec), f"{e.tflops_per_gpu:.0f}", f"{e.mfu:.1%}",
             "" if e.days is None else f"{e.days:.1f}", "" if e.gpu_hours is None else _si(e.gpu_hours),
             "" if e.cost is None else "$" + _si(e.cost),
