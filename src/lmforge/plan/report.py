@@ -31,6 +31,13 @@ def header(job: Job, n_params: int) -> str:
     return "\n".join(lines)
 
 
+def _describe(e: Estimate) -> str:
+    """The layout, with the micro-batches per step (gradient accumulation or pipeline micro-batches)."""
+    return e.layout.describe().replace(
+        f" mb{e.layout.micro_batch}", f" mb{e.layout.micro_batch}x{e.grad_accum}"
+    )
+
+
 def table(estimates: list[Estimate], top: int) -> str:
     """The ranked layouts (fastest fitting first); the first fitting one is the recommendation."""
     rows = [["", "#", "layout", "mem GiB", "fits", "param+grad+opt", "activ", "step s", "compute",
@@ -39,7 +46,7 @@ def table(estimates: list[Estimate], top: int) -> str:
     for i, e in enumerate(estimates[:top], 1):
         m, s = e.memory, e.step
         rows.append([
-            "*" if e is recommended else "", str(i), e.layout.describe(), f"{e.memory_gib_per_gpu:.1f}",
+            "*" if e is recommended else "", str(i), _describe(e), f"{e.memory_gib_per_gpu:.1f}",
             "yes" if e.fits else "NO", f"{m['parameters'] + m['gradients'] + m['optimizer']:.1f}",
             f"{m['activations']:.1f}", f"{e.step_time_s:.3f}", f"{s['compute'] + s['elementwise']:.3f}",
             f"{e.exposed_comm_s:.3f}", f"{s['bubble']:.3f}",
