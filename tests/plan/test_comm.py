@@ -1,6 +1,7 @@
 """comm_per_step against the collectives a real CPU gloo run issues, plus hand-computed cases;
-and, in the same runs, lmforge.plan.memory.state_bytes against the bytes of each rank's own
-parameters, gradients and optimizer states.
+and, in the same runs, lmforge.plan.memory against each rank's own tensors: state_bytes against its
+parameters, gradients and optimizer states, activation_bytes against what its forwards saved for
+backward (SavedRecorder, the counting of tests/plan/test_memory.py on a rank of a layout).
 
 The distributed test starts 2 (then 4) processes once, runs every layout below in them one after
 the other (two untimed warm-up steps: FSDP's lazy init, DDP's bucket rebuild and the pipeline's
@@ -25,14 +26,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from gloo_worker import gloo_group
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.models import build_model, model_config
 from lmforge.parallel.mesh import MESH_DIMS, ParallelDims
-from lmforge.plan.comm import MASTER_BYTES, CommVolume, comm_per_step
-from lmforge.plan.memory import StateBytes, state_bytes
+from lmforge.plan.comm import MASTER_BYTES, CommVolume, _Inventory, comm_per_step
+from lmforge.plan.memory import StateBytes, activation_bytes, rank_stages, state_bytes
 
 MICRO_BATCH, SEQ_LEN = 2, 16
 
@@ -99,6 +101,46 @@ class CollectiveRecorder(TorchDispatchMode):
         return out
 
 
+class SavedRecorder:
+    """Counts the bytes autograd saves for backward while active, as tests/plan/test_memory.py does,
+    on a rank of a parallel layout: a DTensor's local shard; each storage once; not the parameters
+    (sharded, or gathered by FSDP for the forward) nor the buffers. It keeps every saved tensor
+    alive until it is done, so that a freed storage's address is never counted twice."""
+
+    def __init__(self, parts) -> None:
+        self.parts, self.bytes, self._seen, self._kept = parts, 0, set(), []
+
+    def _not_activations(self) -> set[int]:
+        locals_ = [t.to_local() if isinstance(t, DTensor) else t
+                   for part in self.parts for t in (*part.parameters(), *part.buffers())]  # fmt: skip
+        # FSDP2 frees a resharded parameter's storage (size 0, no data pointer)
+        keys = set()
+        for t in locals_:
+            with contextlib.suppress(RuntimeError):
+                keys.add(t.untyped_storage().data_ptr())
+        return keys
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if isinstance(local, AsyncCollectiveTensor):  # a functional collective's output, not yet waited on
+            local = local.elem
+        key = local.untyped_storage().data_ptr()
+        if key not in self._seen and key not in self._not_activations():
+            self._seen.add(key)
+            self._kept.append(local)
+            self.bytes += local.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self._kept.clear()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The layouts, run the way lmforge's pretrain runs them
 # ---------------------------------------------------------------------------------------------------
@@ -138,6 +180,39 @@ class Case:
             pp_schedule=self.pp_schedule,
             pp_rank=pp_rank,
             activation_checkpointing=self.activation_checkpointing,
+        )
+
+    def predicted_saved(self, pp_rank: int) -> int:
+        """Bytes saved for backward by all of the rank's forwards in one step (every micro-batch of
+        every stage it holds): lmforge.plan.memory.activation_bytes, in the dtypes lmforge runs this
+        layout in (bf16 parameters under FSDP, else bf16 autocast over fp32 ones)."""
+        cfg = model_config(self.family, self.flavor, **self.overrides)
+        dims = self.parallel_dims
+        stages, n_stages = rank_stages(dims, pp_rank, self.pp_schedule)
+        if dims.pp > 1:
+            passes = self.pp_microbatches or dims.pp
+            rows = MICRO_BATCH * self.grad_accum // passes
+        else:
+            passes, rows = self.grad_accum, MICRO_BATCH
+        c, p = (2, 2 if dims.dp_shard > 1 else 4) if self.bf16 else (4, 4)
+        inventory_blocks = _Inventory.of(cfg).stage_blocks
+        return passes * sum(
+            activation_bytes(
+                cfg,
+                rows,
+                SEQ_LEN,
+                c,
+                self.activation_checkpointing,
+                blocks=inventory_blocks(stage, n_stages),
+                first=stage == 0,
+                last=stage == n_stages - 1,
+                tp=dims.tp,
+                sequence_parallel=self.sequence_parallel,
+                fused_loss=False,
+                norm_stat_bytes=c,
+                param_bytes=p,
+            ).total  # fmt: skip
+            for stage in stages
         )
 
     def predicted_state(self, pp_rank: int) -> StateBytes:
@@ -226,8 +301,10 @@ def _run_case(case: Case) -> dict:
         batch = torch.randint(
             0, cfg.vocab_size, (MICRO_BATCH * case.grad_accum, SEQ_LEN + 1), generator=generator
         )
-        batches = [(rows[:, :-1], rows[:, 1:]) for rows in batch.split(MICRO_BATCH)]
-        with recorder if step_number == 3 else contextlib.nullcontext():
+        # contiguous, as lmforge's loader makes them (a view would keep the whole (B, T + 1) rows)
+        batches = [(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()) for rows in batch.split(MICRO_BATCH)]
+        saved = SavedRecorder(step.parts)
+        with recorder if step_number == 3 else contextlib.nullcontext(), saved:
             step.forward_backward(batches, loss_fn, step_number)
             if step_number == 3:
                 grads = _local_bytes(p.grad for part in step.parts for p in part.parameters())
@@ -244,6 +321,7 @@ def _run_case(case: Case) -> dict:
         "by_dim": {d: dict(k) for d, k in by_dim.items()},
         "calls": {d: dict(k) for d, k in calls.items()},
         "unrecognised": recorder.unrecognised,
+        "saved_bytes": saved.bytes,
         "state": {
             "params": _local_bytes(p for part in step.parts for p in part.parameters()),
             "grads": grads,
@@ -302,6 +380,8 @@ def _check(case: Case, name: str, per_rank: list[dict]) -> None:
         )
         if "pp" in got["by_dim"]:  # a rank receives what its neighbours send (here: as much as it sends)
             assert got["by_dim"]["pp"]["p2p_recv"] == got["by_dim"]["pp"]["p2p"]
+        # What the rank's forwards saved for backward, all micro-batches together.
+        assert got["saved_bytes"] == case.predicted_saved(got["pp_rank"]), f"rank {rank}: saved for backward"
     # Parameters, gradients and optimizer states: the prediction is the largest rank's (torch.chunk
     # gives the first ranks the larger shards), so it equals the maximum over the ranks of a stage.
     for pp_rank in {r[name]["pp_rank"] for r in per_rank}:

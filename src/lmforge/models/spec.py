@@ -96,9 +96,9 @@ class FamilySpec:
     stages: StageLayout
     tp_plan: TensorParallelPlan
     tp_divisible: tuple[str, ...]  # config fields tensor parallelism must split evenly
-    # (config, compute dtype bytes, parameter dtype bytes, norm statistics bytes) -> SavedBytes: the
-    # model file's saved tensors, for the planner (memory.py in the family's folder, checked by
-    # tests/plan/test_memory.py)
-    saved_bytes: Callable[[Any, int, int, int], SavedBytes]
+    # (config, compute dtype bytes, parameter dtype bytes, norm statistics bytes, tensor-parallel
+    # degree) -> SavedBytes: the model file's saved tensors, for the planner (memory.py in the
+    # family's folder, checked by tests/plan/test_memory.py and, per layout, test_comm.py)
+    saved_bytes: Callable[[Any, int, int, int, int], SavedBytes]
     # module class -> a class with the same parameters and a fused forward (train.fused_projections)
     fused_modules: Mapping[type[nn.Module], type[nn.Module]] = field(default_factory=dict)

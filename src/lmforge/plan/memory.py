@@ -153,7 +153,7 @@ def activation_bytes(
     c, D, V = compute_bytes, cfg.dim, cfg.vocab_size
     sp = tp if sequence_parallel else 1  # the norms see 1/sp of the sequence
     p = compute_bytes if param_bytes is None else param_bytes
-    saved = spec_of(cfg).saved_bytes(cfg, c, p, norm_stat_bytes)  # the family's models/<family>/memory.py
+    saved = spec_of(cfg).saved_bytes(cfg, c, p, norm_stat_bytes, tp)  # the family's models/<family>/memory.py
     per_block = (
         tokens * saved.norms // sp + tokens * saved.inputs + tokens * saved.sharded // tp + saved.block_fixed
     )

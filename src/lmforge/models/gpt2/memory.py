@@ -22,7 +22,7 @@ from lmforge.models.gpt2.model import GPT2Config
 from lmforge.models.spec import SavedBytes
 
 
-def saved_bytes(cfg: GPT2Config, c: int, p: int, norm_stat_bytes: int) -> SavedBytes:
+def saved_bytes(cfg: GPT2Config, c: int, p: int, norm_stat_bytes: int, tp: int) -> SavedBytes:
     D = cfg.dim
     ln = p * D + 2 * (norm_stat_bytes if p != 4 else 4)
     autocast = c != p
@@ -30,7 +30,7 @@ def saved_bytes(cfg: GPT2Config, c: int, p: int, norm_stat_bytes: int) -> SavedB
         norms=2 * ln,
         inputs=2 * c * D,
         sharded=4 * c * D + 4 * cfg.n_heads + 8 * c * D,
-        block_fixed=c * 12 * D * D if autocast else 0,  # c_attn 3D^2, c_proj D^2, MLP 8D^2
+        block_fixed=c * 12 * D * D // tp if autocast else 0,  # c_attn 3D^2, c_proj D^2, MLP 8D^2
         final_norm=ln,
         final_fixed=0,
         block_positions=0,
