@@ -25,7 +25,7 @@ the planner adds (`ActivationBytes.per_block`).
 
 Tensor parallelism divides what lives on heads and MLP channels by tp and, with sequence
 parallelism, the norms by tp too; the linears keep their gathered full-sequence input (DTensor
-saves it). That part is modelled from what DTensor saves, not measured by the hook count.
+saves it). tests/plan/test_comm.py checks that on every rank of its gloo layouts.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def table(estimates: list[Estimate], top: int) -> str:
     text = ["  ".join(cell.ljust(w) if c < 3 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths, strict=False)))
             for r in rows]  # fmt: skip
     if recommended is not None:
-        text.append(f"* recommended: {recommended.layout.describe()} (the fastest layout that fits)")
+        text.append(f"* recommended: {_describe(recommended)} (the fastest layout that fits)")
     shown = min(top, len(estimates))
     text.append(f"{shown} of {len(estimates)} layouts shown; --top N shows more, --json all of them")
     return "\n".join(text)
