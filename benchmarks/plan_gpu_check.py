@@ -4,8 +4,9 @@ configurations each. Targets (issue "Plan", point 3): memory within 10%, step ti
 
     python benchmarks/plan_gpu_check.py [--results DIR]      (or: bash benchmarks/gpu_session.sh plan)
 
-bench's `fsdp` layout on one GPU trains as FSDP2 does (parameters gathered in bf16), the regime the
-planner's activation model assumes; compile off, as the planner models eager kernels.
+One GPU, no FSDP: bench's `plain` layout, fp32 parameters under bf16 autocast, which is what the
+planner models for a layout without FSDP (dp_shard = 1); compile off, as the planner models eager
+kernels.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         measured = bench("llama", flavor, batch, seq, steps=10, warmup=3, precision="bf16", compile=False,
-                         activation_checkpointing=ac, layout="fsdp")  # fmt: skip
+                         activation_checkpointing=ac, layout="plain")  # fmt: skip
         row = {
             "flavor": flavor, "batch": batch, "seq": seq, "ac": ac, "device": gpu.name,
             "memory_gib": measured["peak_mem_gib"],

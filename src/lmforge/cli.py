@@ -257,8 +257,8 @@ def plan(
         raise ConfigError(f"--top must be at least 1 and --price not negative, got {top} and {price}")
     if seq > cfg.max_seq_len:
         raise ConfigError(f"--seq {seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    if plot and not Path(plot).resolve().parent.is_dir():
-        raise ConfigError(f"--plot {plot}: its directory does not exist")
+    if plot and (Path(plot).is_dir() or not Path(plot).resolve().parent.is_dir()):
+        raise ConfigError(f"--plot {plot}: not a file in an existing directory")
     single = any(v is not None for v in (dp_replicate, dp_shard, tp, pp))
     if single:
         degrees = [1 if v is None else v for v in (dp_replicate, tp, pp)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +114,12 @@ def device(name: str, extra: str | Path | None = None) -> Device:
 def cuda_device(cuda_name: str) -> Device | None:
     """The catalogue entry for torch.cuda.get_device_name()'s answer: of the entries with a pattern
     whose words all appear in the name, the one with the longest such pattern (ties: file order)."""
+    # Whole words: "L4" must not match "NVIDIA L40S", nor "H200" "NVIDIA GH200 480GB".
+    tokens = set(re.split(r"[^A-Za-z0-9]+", cuda_name))
     matches = [
         (len(words), d)
         for d in _builtin().values()
         for words in d.cuda_names
-        if all(w in cuda_name for w in words)
+        if all(w in tokens for w in words)
     ]
     return max(matches, key=lambda m: m[0])[1] if matches else None

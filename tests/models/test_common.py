@@ -83,8 +83,17 @@ def test_kv_cache_update_writes_positions_and_masks() -> None:
 
 def test_kv_cache_casts_to_its_dtype() -> None:
     cache = KVCache(1, 1, 4, 2, dtype=torch.bfloat16)
-    k_all, _ = cache.update(torch.tensor([0]), torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2))
-    assert k_all.dtype == torch.bfloat16
+    assert cache.k_cache.dtype == cache.v_cache.dtype == torch.bfloat16
+    k_all, v_all = cache.update(torch.tensor([0]), torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2))
+    assert k_all.dtype == v_all.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("field", ["batch_size", "n_kv_heads", "max_seq_len", "head_dim"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_kv_cache_refuses_a_size_that_is_not_positive_by_name(field, value) -> None:
+    sizes = {"batch_size": 1, "n_kv_heads": 1, "max_seq_len": 4, "head_dim": 2, field: value}
+    with pytest.raises(ValueError, match=f"KVCache {field} must be positive, got {value}"):
+        KVCache(**sizes)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -63,6 +63,25 @@ def test_bfloat16_autocast_tracks_the_plain_loss():
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_gradients_come_back_in_the_inputs_dtypes(weight_dtype):
+    """bf16 hidden states (the compute dtype) and an fp32 or bf16 head: each gradient has its
+    input's dtype, and both track the fp32 reference."""
+    torch.manual_seed(4)
+    hidden32, weight32 = torch.randn(96, 32), torch.randn(200, 32) * 0.5
+    targets = torch.randint(0, 200, (96,))
+    hidden = hidden32.bfloat16().requires_grad_()
+    weight = weight32.to(weight_dtype, copy=True).requires_grad_()
+    got = linear_cross_entropy(hidden, weight, targets, chunk_size=40)
+    (3.0 * got).backward()
+    assert got.dtype == torch.float32
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == weight_dtype
+    ref_hidden, ref_weight = hidden32.clone().requires_grad_(), weight32.clone().requires_grad_()
+    (3.0 * reference(ref_hidden[None], ref_weight, targets[None])).backward()
+    torch.testing.assert_close(hidden.grad.float(), ref_hidden.grad, rtol=0.05, atol=2e-3)
+    torch.testing.assert_close(weight.grad.float(), ref_weight.grad, rtol=0.05, atol=2e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bfloat16_on_cuda_matches_the_plain_loss_and_its_gradients():

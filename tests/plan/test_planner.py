@@ -12,7 +12,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError
-from lmforge.hardware import device, devices
+from lmforge.hardware import cuda_device, device, devices
 from lmforge.models import build_model, model_config
 from lmforge.plan import planner
 from lmforge.plan.planner import Job, Layout, PlanError, estimate, parse_model
@@ -94,6 +94,27 @@ def test_catalogue_has_the_devices_and_sources():
         assert after.lstrip().startswith("#"), name
 
 
+@pytest.mark.parametrize(
+    ("cuda_name", "entry"),
+    [
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A10", "a10"),
+        ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+        ("NVIDIA L40S", None),  # not an L4
+        ("NVIDIA A10G", None),  # not an A10
+        ("NVIDIA GH200 480GB", None),  # not an H200
+        ("NVIDIA H100 NVL", "h100-nvl"),
+    ],
+)
+def test_mfu_finds_the_device_by_its_cuda_name(cuda_name, entry):
+    found = cuda_device(cuda_name)
+    assert (found.name if found else None) == entry
+
+
 def test_user_devices_from_yaml(tmp_path):
     extra = tmp_path / "mine.yaml"
     extra.write_text("mygpu:\n  bf16_tflops: 100\n  memory_gib: 32\n  memory_bandwidth_gbs: 900\n"
@@ -164,7 +185,7 @@ def test_command_evaluates_one_layout(capsys):
     [
         (["--gpu", "tpu-v9"], "unknown device 'tpu-v9'"),
         (["--tp", "3", "--gpus", "3"], "divisible by tp=3"),
-        (["--pp", "64", "--gpus", "64"], "pipeline layout"),
+        (["--pp", "64", "--gpus", "64"], "do not divide into 64 pipeline stages"),
         (["--dp-shard", "3"], "uses 3 GPUs"),
         (["--global-batch-tokens", "lots"], "is not a positive number"),
         (["--model", "llama:7b,dimm=3"], "unknown LlamaConfig field"),
@@ -175,7 +196,11 @@ def test_command_evaluates_one_layout(capsys):
         (["--model", "llama:,"], "expected FAMILY:FLAVOR"),
         (["--global-batch-tokens", "inf"], "not a positive number"),
         (["--seq", "100000"], "exceeds the model's max_seq_len"),
-        (["--plot", "/no/such/dir/x.png"], "directory does not exist"),
+        (["--plot", "/no/such/dir/x.png"], "not a file in an existing directory"),
+        (["--plot", "/tmp"], "not a file in an existing directory"),
+        (["--model", "llama:7b,qk_norm=maybe"], "must be true or false"),
+        (["--model", "llama:7b,rope_theta=abc"], "must be a number"),
+        (["--pp", "3", "--gpus", "3"], "do not divide into 3 pipeline stages"),
         (["--top", "-1"], "--top must be at least 1"),
     ],
 )

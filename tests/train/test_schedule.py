@@ -34,3 +34,18 @@ def test_wsd_is_flat_then_decays_over_last_fraction():
     assert [lr_at(s, cfg, 1.0, 100) for s in (10, 50, 79, 80)] == [1.0, 1.0, 1.0, 1.0]
     assert lr_at(90, cfg, 1.0, 100) == pytest.approx(0.5)
     assert lr_at(100, cfg, 1.0, 100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_cosine_and_linear_decay_have_their_own_shapes(fraction):
+    """Inside the decay, cosine follows (1 + cos(pi p)) / 2 and linear 1 - p, with a floor above 0."""
+    peak, floor = 2.0, 0.2  # min_lr_ratio 0.1
+    cosine = ScheduleConfig(name="cosine", warmup_steps=0, min_lr_ratio=0.1)
+    linear = ScheduleConfig(name="linear", warmup_steps=0, min_lr_ratio=0.1)
+    step = int(fraction * 100)
+    assert lr_at(step, cosine, peak, 100) == pytest.approx(
+        floor + (peak - floor) * (1 + math.cos(math.pi * fraction)) / 2
+    )
+    assert lr_at(step, linear, peak, 100) == pytest.approx(peak - (peak - floor) * fraction)
+    wsd = ScheduleConfig(name="wsd", warmup_steps=0, min_lr_ratio=0.1, decay_fraction=1.0)
+    assert lr_at(step, wsd, peak, 100) == pytest.approx(peak - (peak - floor) * fraction)

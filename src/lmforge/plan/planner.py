@@ -224,6 +224,13 @@ def check_layout(job: Job, layout: Layout) -> int:
         raise PlanError(
             f"{per_rank} sequences per data-parallel rank do not divide into micro-batches of {layout.micro_batch}"
         )
+    stages = layout.pp * (2 if layout.pp > 1 and layout.pp_schedule == "interleaved_1f1b" else 1)
+    if layout.pp > 1 and cfg.n_layers % stages:
+        # lmforge runs uneven stages; the planner's step time assumes even ones
+        raise PlanError(
+            f"layout {layout.describe()}: {cfg.n_layers} layers do not divide into {stages} pipeline stages "
+            "(the planner models even stages)"
+        )
     try:
         _comm(job, layout, grad_accum, None)
     except ValueError as err:
@@ -272,11 +279,20 @@ def _link(job: Job, layout: Layout, dim: str) -> float:
     return (device.intra_node_bandwidth if in_node else device.inter_node_bandwidth) * COMM_EFFICIENCY
 
 
-def _block_forward_flops_per_token(cfg: FamilyConfig, seq_len: int) -> tuple[int, int]:
-    """(matmul, attention) forward FLOPs per token of one block: 2 per weight, 4 H hd T attention."""
-    inventory = _Inventory.of(cfg)
-    block_params = sum(math.prod(p.shape) for p in inventory.params if p.block == 0)
-    return 2 * block_params, 4 * cfg.n_heads * cfg.head_dim * seq_len
+def _block_forward_flops_per_token(cfg: FamilyConfig, seq_len: int) -> tuple[int, float]:
+    """(matmul, attention) forward FLOPs per token of one block: 2 per weight, and a third of the
+    attention term of the model's own flops_per_token (forward 1, backward 2) over its blocks."""
+    key = (repr(cfg), seq_len)
+    if key not in _BLOCK_FLOPS:
+        inventory = _Inventory.of(cfg)
+        block_params = sum(math.prod(p.shape) for p in inventory.params if p.block == 0)
+        n_params = build_model(cfg, "meta").num_params(exclude_embeddings=True)
+        attention = _flops_per_token(cfg, seq_len) - 6 * n_params
+        _BLOCK_FLOPS[key] = (2 * block_params, attention / 3 / cfg.n_layers)
+    return _BLOCK_FLOPS[key]
+
+
+_BLOCK_FLOPS: dict[tuple[str, int], tuple[int, float]] = {}
 
 
 def _stage_activations(
@@ -533,9 +549,20 @@ def parse_model(text: str) -> FamilyConfig:
             raise PlanError(f"--model {text!r}: {part!r} is not key=value")
         overrides[key] = _number(value)
     try:
+        spec = family_spec(family)
+        base = flavor if flavor is not None else list(spec.flavors)[-1]
+        if base in spec.flavors:  # a field keeps its type: no qk_norm=maybe, no rope_theta=abc
+            for field_name, given in overrides.items():
+                current = getattr(spec.flavors[base], field_name, None)
+                if isinstance(current, bool) and not isinstance(given, bool):
+                    raise PlanError(f"--model {text!r}: {field_name} must be true or false, got {given!r}")
+                if (
+                    isinstance(current, (int, float))
+                    and not isinstance(current, bool)
+                    and isinstance(given, str)
+                ):
+                    raise PlanError(f"--model {text!r}: {field_name} must be a number, got {given!r}")
         if flavor is None:
-            spec = family_spec(family)
-            base = list(spec.flavors)[-1]
             names = {f.name for f in dataclasses.fields(spec.config)}
             derived: dict[str, object] = {
                 name: None for name in ("ffn_hidden", "n_kv_heads") if name in names

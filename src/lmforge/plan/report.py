@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from lmforge.errors import ConfigError
 from lmforge.plan.planner import Estimate, Job
 
 
@@ -40,7 +41,7 @@ def _describe(e: Estimate) -> str:
 
 def table(estimates: list[Estimate], top: int) -> str:
     """The ranked layouts (fastest fitting first); the first fitting one is the recommendation."""
-    rows = [["", "#", "layout", "mem GiB", "fits", "param+grad+opt", "activ", "step s", "compute",
+    rows = [["", "#", "layout", "mem GiB", "fits", "param+grad+opt", "activ", "comm buf", "step s", "compute",
              "exposed comm", "bubble", "tokens/s", "TFLOP/s", "MFU", "days", "GPU-h", "cost"]]  # fmt: skip
     recommended = next((e for e in estimates if e.fits), None)
     for i, e in enumerate(estimates[:top], 1):
@@ -48,7 +49,7 @@ def table(estimates: list[Estimate], top: int) -> str:
         rows.append([
             "*" if e is recommended else "", str(i), _describe(e), f"{e.memory_gib_per_gpu:.1f}",
             "yes" if e.fits else "NO", f"{m['parameters'] + m['gradients'] + m['optimizer']:.1f}",
-            f"{m['activations']:.1f}", f"{e.step_time_s:.3f}", f"{s['compute'] + s['elementwise']:.3f}",
+            f"{m['activations']:.1f}", f"{m['communication']:.1f}", f"{e.step_time_s:.3f}", f"{s['compute'] + s['elementwise']:.3f}",
             f"{e.exposed_comm_s:.3f}", f"{s['bubble']:.3f}",
             _si(e.tokens_per_sec), f"{e.tflops_per_gpu:.0f}", f"{e.mfu:.1%}",
             "" if e.days is None else f"{e.days:.1f}", "" if e.gpu_hours is None else _si(e.gpu_hours),
@@ -59,14 +60,47 @@ def table(estimates: list[Estimate], top: int) -> str:
             for r in rows]  # fmt: skip
     if recommended is not None:
         text.append(f"* recommended: {_describe(recommended)} (the fastest layout that fits)")
+        text.extend(breakdown(recommended))
     shown = min(top, len(estimates))
     text.append(f"{shown} of {len(estimates)} layouts shown; --top N shows more, --json all of them")
     return "\n".join(text)
 
 
+def breakdown(e: Estimate) -> list[str]:
+    """Every part of one layout's memory and step time, and the pretrain overrides that run it."""
+    memory = ", ".join(f"{part} {gib:.2f}" for part, gib in e.memory.items())
+    step = ", ".join(f"{part} {s:.3f}" for part, s in e.step.items() if s > 0)
+    return [
+        f"  memory GiB per GPU: {memory}",
+        f"  step s: {step}",
+        "  run it with: " + " ".join(overrides(e)),
+    ]
+
+
+def overrides(e: Estimate) -> list[str]:
+    """`lmforge pretrain` overrides for this layout: the assumptions of its estimate made explicit."""
+    layout, seq = e.layout, e.job.seq_len
+    args = [f"--parallel.dp_replicate={layout.dp_replicate}", f"--parallel.dp_shard={layout.dp_shard}",
+            f"--parallel.tp={layout.tp}", f"--parallel.pp={layout.pp}", f"--data.seq_len={seq}",
+            f"--train.micro_batch_size={layout.micro_batch}", f"--train.global_batch_tokens={e.job.global_batch_tokens}",
+            f"--train.activation_checkpointing={layout.ac}", "--train.precision=bf16"]  # fmt: skip
+    if layout.pp > 1:
+        # the pipeline batch in micro-batches of micro_batch; FSDP keeps each stage gathered
+        args += [f"--parallel.pp_schedule={layout.pp_schedule}", f"--parallel.pp_microbatches={e.grad_accum}",
+                 "--parallel.sequence_parallel=false"]  # fmt: skip
+        if layout.dp_shard > 1:
+            args.append("--parallel.fsdp_reshard_after_forward=false")
+    if layout.precision == "fp8":
+        args.append("--train.float8=true")
+    return args
+
+
 def json_lines(estimates: list[Estimate]) -> str:
     recommended = next((e for e in estimates if e.fits), None)
-    return "\n".join(json.dumps({**e.as_dict(), "recommended": e is recommended}) for e in estimates)
+    return "\n".join(
+        json.dumps({**e.as_dict(), "recommended": e is recommended, "pretrain_overrides": overrides(e)})
+        for e in estimates
+    )
 
 
 def plot(estimates: list[Estimate], path: str | Path, capacity_gib: float) -> None:
@@ -90,9 +124,14 @@ def plot(estimates: list[Estimate], path: str | Path, capacity_gib: float) -> No
     top.set_title("lmforge plan: green fits, red does not (ranked: fastest fitting first)")
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)  # never a half-written PNG under the asked name
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)  # never a half-written PNG under the asked name
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--plot {path}: {err.strerror or err}") from None
+    finally:
+        plt.close(fig)
 
 
 def smallest_cluster_line(n: int | None, job: Job) -> str:

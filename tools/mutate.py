@@ -1,0 +1,183 @@
+"""`make mutate`: mutation testing of the modules where a silent bug loses work or gives wrong answers.
+
+For each module below, a scratch copy of the working tree gets a `[tool.mutmut]` section naming that
+module and the tests that exercise it, and mutmut (https://github.com/boxed/mutmut) mutates it: one
+small change at a time (an operator, a constant, a comparison), each run against the tests that
+call the mutated function (mutmut maps tests to functions in a first run). A mutant the tests do not
+notice "survived": either a test is missing, or the change is equivalent (the code does the same
+thing) and is listed in tools/mutation_equivalents.yaml with one line of why, matched by the line
+before and after.
+
+    make mutate                                   # every module (not part of CI)
+    .venv/bin/python tools/mutate.py --modules schedule,kv_cache
+
+Prints one row per module (mutants, killed, equivalent, survived, not covered) and every survivor's
+diff; the table goes into docs/reliability.md ("Mutation testing"). Needs `pip install mutmut`
+(`make mutate` installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (module, the tests that exercise it). Tests that only run the code in another process
+# (the CLI in a subprocess, torch.multiprocessing) cannot see a mutant: mutmut switches mutants
+# inside this process, so only in-process tests are listed.
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "schedule": ("src/lmforge/train/schedule.py", ["tests/train/test_schedule.py"]),
+    "kv_cache": ("src/lmforge/models/kv_cache.py", ["tests/infer", "tests/models"]),
+    "loss": ("src/lmforge/ops/cross_entropy.py", ["tests/ops/test_cross_entropy.py"]),
+    "generation": ("src/lmforge/infer/generate.py", ["tests/infer"]),
+}
+
+EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.yaml")
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "not covered",
+    33: "not covered",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+}  # fmt: skip  (mutmut.stats.status_by_exit_code)
+
+
+@dataclass
+class Result:
+    name: str
+    module: str
+    counts: dict[str, int] = field(default_factory=dict)
+    survivors: list[tuple[str, str, str]] = field(default_factory=list)  # (key, before, after)
+    equivalent: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
+    seconds: float = 0.0
+
+
+def scratch_copy(dest: Path) -> None:
+    """The working tree's files (tracked, and untracked ones git does not ignore) copied to dest."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def changed_line(diff: str) -> tuple[str, str]:
+    """The mutated line before and after, from `mutmut show`'s diff."""
+    before = next(
+        (
+            line[1:].strip()
+            for line in diff.splitlines()
+            if line.startswith("-") and not line.startswith("---")
+        ),
+        "",
+    )
+    after = next(
+        (
+            line[1:].strip()
+            for line in diff.splitlines()
+            if line.startswith("+") and not line.startswith("+++")
+        ),
+        "",
+    )
+    return before, after
+
+
+def run(name: str, scratch: Path, mutmut: str, timeout_s: int) -> Result:
+    module, tests = MODULES[name]
+    work = scratch / name
+    scratch_copy(work)
+    with (work / "pyproject.toml").open("a") as f:
+        f.write(
+            "\n[tool.mutmut]\n"
+            'source_paths = ["src/"]\n'
+            f'only_mutate = ["{module}"]\n'
+            f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+            'pytest_add_cli_args = ["-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly"]\n'
+        )
+    start = time.perf_counter()
+    subprocess.run([mutmut, "run", "--max-children", "2"], cwd=work, timeout=timeout_s, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    result = Result(name, module, seconds=time.perf_counter() - start)
+    meta = json.loads((work / "mutants" / f"{module}.meta").read_text())
+    equivalents = (
+        (yaml.safe_load(EQUIVALENTS.read_text()) or {}).get(name, []) if EQUIVALENTS.exists() else []
+    )
+    for key, code in sorted(meta["exit_code_by_key"].items()):
+        status = STATUS.get(code, "suspicious")
+        if status == "survived":
+            diff = subprocess.run([mutmut, "show", key], cwd=work, capture_output=True, text=True).stdout
+            before, after = changed_line(diff)
+            why = next((e["why"] for e in equivalents if (e["from"], e["to"]) == (before, after)), None)
+            if why is not None:
+                status = "equivalent"
+                result.equivalent.append((key, why))
+            else:
+                result.survivors.append((key, before, after))
+        result.counts[status] = result.counts.get(status, 0) + 1
+    return result
+
+
+def table(results: list[Result]) -> str:
+    rows = ["| module | mutants | killed | equivalent | survived | not covered | killed of non-equivalent |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in results:
+        c = r.counts
+        total, killed, equivalent = sum(c.values()), c.get("killed", 0), c.get("equivalent", 0)
+        rate = killed / (total - equivalent) if total > equivalent else 1.0
+        rows.append(f"| `{r.module}` | {total} | {killed} | {equivalent} | {c.get('survived', 0)} | "
+                    f"{c.get('not covered', 0)} | {rate:.1%} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--modules", default=",".join(MODULES), help=f"comma-separated, of: {', '.join(MODULES)}"
+    )
+    parser.add_argument("--scratch", default="/tmp/lmforge-mutate", help="where the mutated copies go")
+    parser.add_argument("--timeout-s", type=int, default=1800, help="per module")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    names = [n for n in args.modules.split(",") if n]
+    unknown = sorted(set(names) - set(MODULES))
+    if unknown:
+        print(f"mutate: unknown module(s) {unknown}; known: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
+    if mutmut is None:
+        print("mutate: mutmut is not installed (pip install mutmut==3.8.1, or make mutate)", file=sys.stderr)
+        return 2
+    results = []
+    for name in names:
+        r = run(name, Path(args.scratch), mutmut, args.timeout_s)
+        results.append(r)
+        print(f"{name}: {r.counts} in {r.seconds:.0f} s", flush=True)
+    print(table(results))
+    for r in results:
+        for key, before, after in r.survivors:
+            print(f"survived {key}:\n  - {before}\n  + {after}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
