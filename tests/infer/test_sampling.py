@@ -226,9 +226,20 @@ def test_complete_returns_the_continuation_without_the_prompt_and_stops_at_eos()
     assert complete(model, tokenizer, "def ", 12, temperature=0.0) == tokenizer.decode(
         ids[:-1] if ids[-1] == eos else ids
     )
-    # Make the end-of-text token the greedy choice everywhere: nothing is returned.
-    eos_bonus = torch.zeros(model.cfg.vocab_size)
-    eos_bonus[eos] = 1e4
-    model.output.register_forward_hook(lambda module, inputs, logits: logits + eos_bonus)
-    assert list(generate(model, prompt_ids, 12, temperature=0.0, eos_id=eos)) == [eos]
-    assert complete(model, tokenizer, "def ", 12, temperature=0.0) == ""
+    # Make the end-of-text token the greedy choice at the third forward only (the prefill, two
+    # decode steps): complete() returns the two tokens before it, and nothing after it.
+    calls = []
+
+    def eos_at_third_call(module, inputs, logits):
+        calls.append(1)
+        if len(calls) == 3:
+            logits = logits.clone()
+            logits[..., eos] += 1e4
+        return logits
+
+    model.output.register_forward_hook(eos_at_third_call)
+    ids = list(generate(model, prompt_ids, 12, temperature=0.0, eos_id=eos))
+    assert len(ids) == 3 and ids[-1] == eos and eos not in ids[:-1]
+    calls.clear()
+    text = complete(model, tokenizer, "def ", 12, temperature=0.0)
+    assert text == tokenizer.decode(ids[:2]) and text
