@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test lint clean
+.PHONY: quickstart test lint clean mutate
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,16 +18,21 @@ quickstart: $(BIN)/.installed
 	$(BIN)/lmforge quickstart
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/lint-imports
 	$(BIN)/mypy src
 	$(BIN)/pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/lint-imports
 	$(BIN)/mypy src
+
+# Mutation testing (docs/reliability.md, "Mutation testing"); not part of CI: about 10 minutes here.
+mutate: $(BIN)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
+	$(BIN)/python tools/mutate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .import_linter_cache

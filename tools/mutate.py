@@ -39,6 +39,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "kv_cache": ("src/lmforge/models/kv_cache.py", ["tests/infer", "tests/models"]),
     "loss": ("src/lmforge/ops/cross_entropy.py", ["tests/ops/test_cross_entropy.py"]),
     "generation": ("src/lmforge/infer/generate.py", ["tests/infer"]),
+    "loader": ("src/lmforge/data/loader.py", ["tests/data"]),
 }
 
 EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.yaml")
