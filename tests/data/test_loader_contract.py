@@ -4,7 +4,6 @@ against the mutants that survived tests/data's behaviour tests (docs/reliability
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from lmforge.data.errors import DataError
