@@ -106,5 +106,15 @@ def tensors(directory: Path) -> dict:
     return out
 
 
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if "lmforge: error" in line]
+def error_lines(result: subprocess.CompletedProcess, torchrun: bool = False) -> list[str]:
+    """The `lmforge: error:` lines of a run's stderr, after checking that nothing else is there but
+    `lmforge: warning:` lines (a traceback or a second, raw error line fails the test). torchrun:
+    the run was launched by torchrun, which adds its own report of a failed worker (its log lines
+    and a ChildFailedError traceback): those are left out of the check, lmforge's own are not."""
+    lines = result.stderr.splitlines()
+    if torchrun and "torch.distributed.elastic.multiprocessing.errors.ChildFailedError" in result.stderr:
+        report = next(i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)"))
+        lines = [line for line in lines[:report] if "torch/distributed/elastic/" not in line]
+    other = [line for line in lines if not line.startswith(("lmforge: error: ", "lmforge: warning: "))]
+    assert not other, f"stderr holds more than lmforge's error and warning lines: {other[:5]}"
+    return [line for line in lines if line.startswith("lmforge: error: ")]

@@ -197,7 +197,8 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(
     killed = run(args, tmp_path, fault="train.step:kill@step=3")
     assert killed.returncode == -signal.SIGKILL and not (out / "checkpoints").exists()
     plain = run([*args, "--resume"], tmp_path)  # what --resume alone says to such a run
-    assert plain.returncode == 2 and "has no checkpoint to resume from" in error_lines(plain)[0]
+    [line] = error_lines(plain)
+    assert plain.returncode == 2 and "has no checkpoint to resume from" in line
 
     again = run([*args, "--resume", "auto"], tmp_path, fault="train.step:kill@step=6")
     assert again.returncode == -signal.SIGKILL and "resuming from" not in again.stdout
