@@ -40,20 +40,25 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "loss": ("src/lmforge/ops/cross_entropy.py", ["tests/ops/test_cross_entropy.py"]),
     "generation": ("src/lmforge/infer/generate.py", ["tests/infer"]),
     "loader": ("src/lmforge/data/loader.py", ["tests/data"]),
+    "guards": ("src/lmforge/train/guards.py", ["tests/train/test_guards.py"]),
 }
 
 EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.yaml")
+# pytest's exit code for each mutant -> its status, as mutmut.stats.status_by_exit_code except 2:
+# "interrupted", a collection error or a KeyboardInterrupt the mutant let through (a SIGINT handler
+# it broke); either way the tests did not pass, so it counts as killed.
 STATUS = {
-    1: "killed",
-    3: "killed",
     0: "survived",
+    1: "killed",
+    2: "killed",
+    3: "killed",
     5: "not covered",
     33: "not covered",
     36: "timeout",
     24: "timeout",
     -24: "timeout",
     152: "timeout",
-}  # fmt: skip  (mutmut.stats.status_by_exit_code)
+}
 
 
 @dataclass

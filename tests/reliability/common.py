@@ -113,7 +113,9 @@ def error_lines(result: subprocess.CompletedProcess, torchrun: bool = False) -> 
     and a ChildFailedError traceback): those are left out of the check, lmforge's own are not."""
     lines = result.stderr.splitlines()
     if torchrun and "torch.distributed.elastic.multiprocessing.errors.ChildFailedError" in result.stderr:
-        report = next(i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)"))
+        report = next(
+            i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")
+        )
         lines = [line for line in lines[:report] if "torch/distributed/elastic/" not in line]
     other = [line for line in lines if not line.startswith(("lmforge: error: ", "lmforge: warning: "))]
     assert not other, f"stderr holds more than lmforge's error and warning lines: {other[:5]}"
