@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,15 +121,27 @@ def run(name: str, scratch: Path, mutmut: str, timeout_s: int) -> Result:
             'pytest_add_cli_args = ["-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly"]\n'
         )
     start = time.perf_counter()
-    subprocess.run([mutmut, "run", "--max-children", "2"], cwd=work, timeout=timeout_s, check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = work / "mutmut.log"
+    with log.open("w") as out:
+        # its own session, so that a timeout ends mutmut and every test process it forked
+        proc = subprocess.Popen([mutmut, "run", "--max-children", "2"], cwd=work, stdout=out, stderr=out,
+                                start_new_session=True)  # fmt: skip
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise SystemExit(f"mutate: {name} ran past {timeout_s} s (log: {log})") from None
+    meta_file = work / "mutants" / f"{module}.meta"
+    if proc.returncode != 0 or not meta_file.is_file():
+        raise SystemExit(f"mutate: mutmut failed on {name} (exit {proc.returncode}; log: {log})")
     result = Result(name, module, seconds=time.perf_counter() - start)
-    meta = json.loads((work / "mutants" / f"{module}.meta").read_text())
+    meta = json.loads(meta_file.read_text())
     equivalents = (
         (yaml.safe_load(EQUIVALENTS.read_text()) or {}).get(name, []) if EQUIVALENTS.exists() else []
     )
     for key, code in sorted(meta["exit_code_by_key"].items()):
-        status = STATUS.get(code, "suspicious")
+        status = STATUS.get(code, "other")  # not checked, skipped, suspicious, a crash
         if status == "survived":
             diff = subprocess.run([mutmut, "show", key], cwd=work, capture_output=True, text=True).stdout
             before, after = changed_line(diff)
@@ -142,14 +156,21 @@ def run(name: str, scratch: Path, mutmut: str, timeout_s: int) -> Result:
 
 
 def table(results: list[Result]) -> str:
-    rows = ["| module | mutants | killed | equivalent | survived | not covered | killed of non-equivalent |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    rows = ["| module | mutants | killed | equivalent | survived | not covered | timeout, other | "
+            "killed of non-equivalent | time |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in results:
         c = r.counts
         total, killed, equivalent = sum(c.values()), c.get("killed", 0), c.get("equivalent", 0)
+        columns = (killed, equivalent, c.get("survived", 0), c.get("not covered", 0),
+                   c.get("timeout", 0) + c.get("other", 0))  # fmt: skip
+        assert sum(columns) == total, (r.name, c)
         rate = killed / (total - equivalent) if total > equivalent else 1.0
-        rows.append(f"| `{r.module}` | {total} | {killed} | {equivalent} | {c.get('survived', 0)} | "
-                    f"{c.get('not covered', 0)} | {rate:.1%} |")  # fmt: skip
+        rows.append(
+            f"| `{r.module}` | {total} | "
+            + " | ".join(map(str, columns))
+            + f" | {rate:.1%} | {r.seconds:.0f} s |"
+        )
     return "\n".join(rows)
 
 

@@ -182,6 +182,22 @@ def test_top_k_zero_and_top_p_zero_filter_nothing():
     assert torch.equal(drawn(logits, 5, top_p=0.0), unfiltered)
 
 
+def test_top_p_one_filters_nothing_even_when_the_running_sum_reaches_one_early(monkeypatch):
+    """In fp32 the cumulative probability reaches 1.0 before a long, tiny tail: top_p = 1 must
+    still leave every token drawable."""
+    seen = []
+    multinomial = torch.multinomial
+
+    def spy(probs, *args, **kwargs):
+        seen.append(probs.clone())
+        return multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    logits = torch.cat([torch.zeros(1, 1), torch.full((1, 50), -20.0)], dim=1)
+    sample(logits, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    assert (seen[0] > 0).all()
+
+
 def test_a_token_whose_predecessors_exactly_reach_top_p_is_dropped():
     """The boundary: the tokens before it cover exactly top_p, so the nucleus is already complete."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
@@ -243,3 +259,18 @@ def test_complete_returns_the_continuation_without_the_prompt_and_stops_at_eos()
     calls.clear()
     text = complete(model, tokenizer, "def ", 12, temperature=0.0)
     assert text == tokenizer.decode(ids[:2]) and text
+    calls.clear()
+    one = list(generate(model, prompt_ids, 1, temperature=0.0, eos_id=eos))
+    calls.clear()
+    assert complete(model, tokenizer, "def ", 1, temperature=0.0) == tokenizer.decode(one)  # a one-token text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generation_on_cuda_matches_the_cpu():
+    """The KV cache, the positions and the sampler on the GPU: greedy tokens equal the CPU's."""
+    model = sharp_model("llama")
+    prompt = [1, 2, 3, 4, 5]
+    on_cpu = list(generate(model, prompt, 24, temperature=0.0))
+    on_cuda = list(generate(model.to("cuda"), prompt, 24, temperature=0.0))
+    assert on_cuda == on_cpu

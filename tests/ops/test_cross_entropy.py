@@ -82,6 +82,23 @@ def test_gradients_come_back_in_the_inputs_dtypes(weight_dtype):
     torch.testing.assert_close(weight.grad.float(), ref_weight.grad, rtol=0.05, atol=2e-3)
 
 
+def test_the_bf16_hidden_gradient_is_scaled_in_fp32():
+    """1/N is not a bf16 number for N = 3: the backward scales the stored bf16 gradient by it in
+    fp32 and rounds once; it does not round 1/3 to bf16 first."""
+    torch.manual_seed(5)
+    hidden = torch.randn(3, 16).bfloat16().requires_grad_()
+    weight = torch.randn(40, 16)
+    targets = torch.tensor([1, 7, 30])
+    linear_cross_entropy(hidden, weight, targets).backward()
+    # The forward's stored gradient of the summed loss, with the same ops in the same dtypes:
+    weight_c = weight.to(torch.bfloat16)
+    logits = (hidden.detach() @ weight_c.t()).float()
+    grad_logits = torch.softmax(logits, dim=-1)
+    grad_logits[torch.arange(3), targets] -= 1.0
+    summed = grad_logits.to(torch.bfloat16) @ weight_c  # (3, 16) bf16
+    assert torch.equal(hidden.grad, (summed.float() / 3).to(torch.bfloat16))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bfloat16_on_cuda_matches_the_plain_loss_and_its_gradients():

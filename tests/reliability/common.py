@@ -113,9 +113,12 @@ def error_lines(result: subprocess.CompletedProcess, torchrun: bool = False) -> 
     and a ChildFailedError traceback): those are left out of the check, lmforge's own are not."""
     lines = result.stderr.splitlines()
     if torchrun and "torch.distributed.elastic.multiprocessing.errors.ChildFailedError" in result.stderr:
-        report = next(
+        # torchrun's report is its own traceback, the last one: a worker's raw traceback before it
+        # stays in the checked lines (and fails the check)
+        report = max(
             i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")
         )
+        assert any("ChildFailedError" in line for line in lines[report:]), "torchrun's report is not last"
         lines = [line for line in lines[:report] if "torch/distributed/elastic/" not in line]
     other = [line for line in lines if not line.startswith(("lmforge: error: ", "lmforge: warning: "))]
     assert not other, f"stderr holds more than lmforge's error and warning lines: {other[:5]}"

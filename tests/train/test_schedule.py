@@ -49,3 +49,13 @@ def test_cosine_and_linear_decay_have_their_own_shapes(fraction):
     assert lr_at(step, linear, peak, 100) == pytest.approx(peak - (peak - floor) * fraction)
     wsd = ScheduleConfig(name="wsd", warmup_steps=0, min_lr_ratio=0.1, decay_fraction=1.0)
     assert lr_at(step, wsd, peak, 100) == pytest.approx(peak - (peak - floor) * fraction)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "wsd"])
+def test_past_the_end_of_the_schedule_the_lr_stays_at_its_floor(name):
+    """train.max_steps may exceed the schedule's total_steps: the LR then stays at min_lr."""
+    cfg = ScheduleConfig(name=name, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.5)
+    assert [lr_at(s, cfg, 2.0, 100) for s in (100, 150, 400)] == pytest.approx([0.2, 0.2, 0.2])
+    one_decay_step = ScheduleConfig(name=name, warmup_steps=99, min_lr_ratio=0.1, decay_fraction=0.01)
+    assert lr_at(99, one_decay_step, 2.0, 100) == pytest.approx(2.0)
+    assert lr_at(100, one_decay_step, 2.0, 100) == pytest.approx(0.2)

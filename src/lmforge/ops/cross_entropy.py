@@ -57,7 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         factor = grad_loss * ctx.scale  # () fp32
-        return (grad_hidden * factor.to(grad_hidden.dtype), (grad_weight * factor).to(ctx.weight_dtype),
+        # grad_hidden * factor, not * factor.to(bf16): the product is taken in fp32 and rounded once
+        # (a bf16 1/N would scale every element by up to 2^-9 too much or too little)
+        return (grad_hidden * factor, (grad_weight * factor).to(ctx.weight_dtype),
                 None, None)  # fmt: skip
 
 
