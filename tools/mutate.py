@@ -46,13 +46,16 @@ MODULES: dict[str, tuple[str, list[str]]] = {
 }
 
 EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.yaml")
-# pytest's exit code for each mutant -> its status, as mutmut.stats.status_by_exit_code except 2:
-# "interrupted", a collection error or a KeyboardInterrupt the mutant let through (a SIGINT handler
-# it broke); either way the tests did not pass, so it counts as killed.
+# pytest's exit code for each mutant -> its status, as mutmut.stats.status_by_exit_code except 2
+# ("interrupted": a collection error, or a KeyboardInterrupt the mutant let through) and -2, -15
+# (the test process ended by a SIGINT or SIGTERM the mutant left unhandled): the tests did not pass,
+# so these count as killed.
 STATUS = {
     0: "survived",
     1: "killed",
     2: "killed",
+    -2: "killed",
+    -15: "killed",
     3: "killed",
     5: "not covered",
     33: "not covered",
