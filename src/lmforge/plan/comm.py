@@ -103,18 +103,25 @@ class CommVolume:
     def n_calls(self) -> int:
         return sum(n for kinds in self.calls.values() for n in kinds.values())
 
-    def wire_bytes(self) -> dict[str, int]:
-        """Bytes this rank sends per kind with ring algorithms (NCCL's large-message default)."""
-        sent = dict.fromkeys(KINDS, 0)
+    def wire_bytes_by_dim(self) -> dict[str, dict[str, int]]:
+        """Bytes this rank sends, by mesh dim and kind, with ring algorithms (NCCL's large-message
+        default): (n-1)/n of the message for all-gather, reduce-scatter and broadcast, 2(n-1)/n
+        for all-reduce, the message itself for a send."""
+        sent: dict[str, dict[str, int]] = {}
         for dim, kinds in self.by_dim.items():
             n = self.group_sizes[dim]
+            sent[dim] = {
+                kind: size if kind == "p2p" else (2 if kind == "all_reduce" else 1) * (n - 1) * size // n
+                for kind, size in kinds.items()
+            }
+        return sent
+
+    def wire_bytes(self) -> dict[str, int]:
+        """Bytes this rank sends per kind, summed over the mesh dims (wire_bytes_by_dim)."""
+        sent = dict.fromkeys(KINDS, 0)
+        for kinds in self.wire_bytes_by_dim().values():
             for kind, size in kinds.items():
-                if kind == "all_reduce":
-                    sent[kind] += 2 * (n - 1) * size // n
-                elif kind == "p2p":
-                    sent[kind] += size
-                else:
-                    sent[kind] += (n - 1) * size // n
+                sent[kind] += size
         return sent
 
     def summary(self) -> str:

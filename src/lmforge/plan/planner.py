@@ -90,13 +90,15 @@ class Layout:
     def n_gpus(self) -> int:
         return self.dims.world_size
 
-    def describe(self) -> str:
+    def describe(self, grad_accum: int | None = None) -> str:
+        """dp{replicate}x{shard} tp pp [schedule] mb{sequences}[x{micro-batches per step}] ac precision."""
         parts = [f"dp{self.dp_replicate}x{self.dp_shard}", f"tp{self.tp}", f"pp{self.pp}"]
         if self.pp > 1:
             parts.append(
                 {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "interleaved"}[self.pp_schedule]
             )
-        return " ".join([*parts, f"mb{self.micro_batch}", f"ac:{self.ac}", self.precision])
+        micro_batches = f"mb{self.micro_batch}" + (f"x{grad_accum}" if grad_accum is not None else "")
+        return " ".join([*parts, micro_batches, f"ac:{self.ac}", self.precision])
 
 
 @dataclass(frozen=True)
@@ -404,9 +406,9 @@ def _step_time(job: Job, layout: Layout, grad_accum: int, flops_per_token: int) 
     volume = _comm(job, layout, grad_accum, None)
     # Seconds of each collective (mesh dim, kind) at the link its group crosses.
     seconds = {
-        (dim, kind): _wire(volume, dim, kind) / _link(job, layout, dim)
-        for dim, kinds in volume.by_dim.items()
-        for kind in kinds
+        (dim, kind): sent / _link(job, layout, dim)
+        for dim, kinds in volume.wire_bytes_by_dim().items()
+        for kind, sent in kinds.items()
     }
     # TP and pipeline sends are on the critical path (lmforge overlaps neither). FSDP's gathers and
     # reduce-scatters and DDP's all-reduce overlap the compute: what does not fit under it is exposed,
@@ -431,12 +433,6 @@ def _step_time(job: Job, layout: Layout, grad_accum: int, flops_per_token: int) 
         "comm latency": volume.n_calls * COLLECTIVE_LATENCY_S,
         "optimizer": optimizer,
     }
-
-
-def _wire(volume: CommVolume, dim: str, kind: str) -> float:
-    """Bytes this rank sends in collectives `kind` over mesh dimension `dim`, with ring algorithms."""
-    n, size = volume.group_sizes[dim], volume.by_dim[dim][kind]
-    return size * {"all_reduce": 2 * (n - 1) / n, "p2p": 1.0}.get(kind, (n - 1) / n)
 
 
 def estimate(job: Job, layout: Layout) -> Estimate:

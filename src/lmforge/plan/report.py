@@ -32,13 +32,6 @@ def header(job: Job, n_params: int) -> str:
     return "\n".join(lines)
 
 
-def _describe(e: Estimate) -> str:
-    """The layout, with the micro-batches per step (gradient accumulation or pipeline micro-batches)."""
-    return e.layout.describe().replace(
-        f" mb{e.layout.micro_batch}", f" mb{e.layout.micro_batch}x{e.grad_accum}"
-    )
-
-
 def table(estimates: list[Estimate], top: int) -> str:
     """The ranked layouts (fastest fitting first); the first fitting one is the recommendation."""
     rows = [["", "#", "layout", "mem GiB", "fits", "param+grad+opt", "activ", "comm buf", "step s", "compute",
@@ -47,7 +40,7 @@ def table(estimates: list[Estimate], top: int) -> str:
     for i, e in enumerate(estimates[:top], 1):
         m, s = e.memory, e.step
         rows.append([
-            "*" if e is recommended else "", str(i), _describe(e), f"{e.memory_gib_per_gpu:.1f}",
+            "*" if e is recommended else "", str(i), e.layout.describe(e.grad_accum), f"{e.memory_gib_per_gpu:.1f}",
             "yes" if e.fits else "NO", f"{m['parameters'] + m['gradients'] + m['optimizer']:.1f}",
             f"{m['activations']:.1f}", f"{m['communication']:.1f}", f"{e.step_time_s:.3f}", f"{s['compute'] + s['elementwise']:.3f}",
             f"{e.exposed_comm_s:.3f}", f"{s['bubble']:.3f}",
@@ -59,7 +52,9 @@ def table(estimates: list[Estimate], top: int) -> str:
     text = ["  ".join(cell.ljust(w) if c < 3 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths, strict=False)))
             for r in rows]  # fmt: skip
     if recommended is not None:
-        text.append(f"* recommended: {_describe(recommended)} (the fastest layout that fits)")
+        text.append(
+            f"* recommended: {recommended.layout.describe(recommended.grad_accum)} (the fastest layout that fits)"
+        )
         text.extend(breakdown(recommended))
     shown = min(top, len(estimates))
     text.append(f"{shown} of {len(estimates)} layouts shown; --top N shows more, --json all of them")
