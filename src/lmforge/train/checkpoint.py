@@ -188,9 +188,9 @@ def save_checkpoint(
     def prepare() -> None:
         if _is_writer():
             root.mkdir(parents=True, exist_ok=True)
+            # What a crash mid-save left: temporary directories (never valid) are removed, and a
+            # checkpoint moved aside by a re-save is put back. No `.tmp` or `.old` is left after it.
             recover_interrupted_save(root)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash mid-save; it was never valid
             tmp.mkdir()
 
     def model_tensors() -> None:
@@ -283,8 +283,7 @@ def _publish(tmp: Path, final: Path, step: int) -> None:
     """Rename the complete temporary directory into place (rank 0)."""
     fault("checkpoint.before_rename", step)
     if final.exists():  # the same step written again (a run resumed at its last step)
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
+        old = final.parent / f".{final.name}.old"  # absent: recover_interrupted_save ran in prepare
         os.replace(final, old)
         fault("checkpoint.during_rename", step)
         os.replace(tmp, final)

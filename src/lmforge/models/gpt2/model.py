@@ -195,9 +195,11 @@ class GPT2(nn.Module):
         """Make lm_head use wte's weight: tied input/output embeddings (Press & Wolf 2017), as GPT-2.
 
         Called by init_weights too, because Module.to_empty() from the meta device gives each module
-        its own new Parameter and so silently unties them.
+        its own new Parameter and so silently unties them. A pipeline stage that holds only one of
+        the two (lmforge.parallel.pipeline) has nothing to tie.
         """
-        self.lm_head.weight = self.wte.weight
+        if self.wte is not None and self.lm_head is not None:
+            self.lm_head.weight = self.wte.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:

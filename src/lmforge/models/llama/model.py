@@ -304,9 +304,10 @@ class Llama(nn.Module):
         """With cfg.tie_embeddings, make the output head use tok_embeddings' weight; else a no-op.
 
         Called by init_weights too, because Module.to_empty() from the meta device gives each module
-        its own new Parameter and so silently unties them.
+        its own new Parameter and so silently unties them. A pipeline stage that holds only one of
+        the two (lmforge.parallel.pipeline) has nothing to tie.
         """
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
