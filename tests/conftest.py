@@ -47,6 +47,12 @@ def debug_config(prepared_dir):
     return lambda **sections: make_debug_config(prepared_dir, **sections)
 
 
+@pytest.fixture(scope="session")
+def session_debug_config(prepared_dir):
+    """debug_config for fixtures of a wider scope than one test."""
+    return lambda **sections: make_debug_config(prepared_dir, **sections)
+
+
 def make_debug_config(prepared_dir: Path, **sections):
     """The debug recipe on the prepared test corpus, with per-section overrides."""
     from lmforge.config import load_config, parse_config_dict, to_dict

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -142,17 +143,39 @@ def evaluate(run: str, batches: int = 50, batch_size: int = 8, device: str = "au
     print(json.dumps({"checkpoint": str(ckpt_dir), **result, "dtype": PRECISION_NAMES[dtype]}))
 
 
-def export(run: str, out: str | None = None) -> None:
+def export(run: str, out: str | None = None, format: Literal["lmforge", "hf"] = "lmforge") -> None:
     """Gather a checkpoint (written by any layout) into one safetensors file with its config and tokenizer.
 
     Args:
         run: Run directory (its newest checkpoint) or checkpoint directory.
-        out: Output directory for model.safetensors, config.yaml, tokenizer.json (default: RUN/export).
+        out: Output directory (default: RUN/export, or RUN/export-hf for --format hf).
+        format: lmforge (model.safetensors, config.yaml, tokenizer.json) or hf (a Hugging Face transformers model directory: AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer load it).
     """
     from lmforge.rundir import export_checkpoint, resolve_checkpoint
 
-    path = export_checkpoint(resolve_checkpoint(run), Path(out) if out else Path(run) / "export")
-    print(json.dumps({"exported": str(path)}))
+    ckpt_dir = resolve_checkpoint(run)
+    if format == "hf":
+        from lmforge.hf import export_hf
+
+        path = export_hf(ckpt_dir, Path(out) if out else Path(run) / "export-hf")
+    else:
+        path = export_checkpoint(ckpt_dir, Path(out) if out else Path(run) / "export")
+    print(json.dumps({"exported": str(path), "format": format}))
+
+
+def import_hf(hf_dir: str, out: str | None = None) -> None:
+    """Make a run directory from a Hugging Face transformers model directory (config.json, safetensors, tokenizer.json).
+
+    Args:
+        hf_dir: The model directory (what save_pretrained writes; `lmforge export --format hf` writes one).
+        out: The run directory to create (required); its checkpoint works with generate, eval and lmforge.load.
+    """
+    from lmforge.hf import import_hf as run_import
+
+    if out is None:
+        raise ConfigError("import needs --out RUN: the run directory to create")
+    path = run_import(Path(hf_dir), Path(out))
+    print(json.dumps({"imported": str(path)}))
 
 
 def pretrain(config: RunConfig, out: str, resume: str = "no", resume_from: str | None = None) -> None:
@@ -346,7 +369,16 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand(
         "bench", _function_parser(bench), help="Throughput on random tokens (one JSON line)."
     )
-    commands.add_subcommand("export", _function_parser(export, positional=True), help="One safetensors file.")
+    commands.add_subcommand(
+        "export",
+        _function_parser(export, positional=True),
+        help="One safetensors file, or a Hugging Face directory.",
+    )
+    commands.add_subcommand(
+        "import",
+        _function_parser(import_hf, positional=True),
+        help="A run from a Hugging Face model directory.",
+    )
     commands.add_subcommand(
         "plan", _function_parser(plan), help="Memory and throughput of layouts for a model on a cluster."
     )
@@ -419,6 +451,7 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
         "eval": evaluate,
         "bench": bench,
         "export": export,
+        "import": import_hf,
         "plan": plan,
     }
     kwargs = sub.as_dict()

@@ -91,7 +91,8 @@ def run_model_config(cfg: ModelConfig, seq_len: int, tokenizer_vocab: int) -> Fa
         raise ConfigError(
             f"config key 'model.vocab_size' is {vocab_size} but the tokenizer has {tokenizer_vocab} tokens"
         )
-    overrides: dict[str, object] = {"qk_norm": True} if cfg.qk_norm else {}
+    _check_shape_keys(cfg)
+    overrides: dict[str, object] = {**(cfg.shape or {}), **({"qk_norm": True} if cfg.qk_norm else {})}
     try:
         return model_config(cfg.family, cfg.flavor, vocab_size=vocab_size, max_seq_len=seq_len, **overrides)
     except ValueError as err:
@@ -112,6 +113,19 @@ def check_model_section(cfg: ModelConfig) -> None:
         model_config(cfg.family, cfg.flavor)
     except ValueError as err:
         raise ConfigError(f"config key 'model.flavor': {err}") from None
+    _check_shape_keys(cfg)
+    try:
+        model_config(cfg.family, cfg.flavor, **(cfg.shape or {}))
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.shape': {err}") from None
+
+
+def _check_shape_keys(cfg: ModelConfig) -> None:
+    reserved = sorted(set(cfg.shape or {}) & {"vocab_size", "max_seq_len"})
+    if reserved:
+        raise ConfigError(
+            f"config key 'model.shape' sets {reserved}: use model.vocab_size and data.seq_len instead"
+        )
 
 
 def meta_model(ckpt_dir: Path) -> FamilyModel:
@@ -340,17 +354,24 @@ def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) ->
             part.tie_weights()
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
-    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file), plus
-    config.yaml and tokenizer.json; written to a temporary name first. Holds the weights in memory."""
-    from safetensors.torch import save_file
-
+def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint as a whole tensor, by checkpoint name, shapes checked against its
+    config (a tied weight once, under the embedding's name). Holds them all in memory."""
     check_weight_shapes(model_state_dict(meta_model(ckpt_dir)), ckpt_dir / "model")
     weights = {}
     for file in sorted((ckpt_dir / "model").glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 weights[key] = f.get_tensor(key)
+    return weights
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
+    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file), plus
+    config.yaml and tokenizer.json; written to a temporary name first. Holds the weights in memory."""
+    from safetensors.torch import save_file
+
+    weights = checkpoint_weights(ckpt_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Every file goes to a temporary name first; the weights are renamed into place last, so a
     # model.safetensors is never next to the config of another export.

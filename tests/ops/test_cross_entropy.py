@@ -115,3 +115,16 @@ def test_bfloat16_on_cuda_matches_the_plain_loss_and_its_gradients():
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g.float(), w.float(), rtol=5e-2, atol=1e-5)
+
+
+def test_every_tensor_stays_on_the_inputs_device():
+    """The meta device stands in for a GPU here: a tensor made on the default device (the CPU)
+    instead of the inputs' shows up as a CPU tensor, or as an error where it meets a meta one."""
+    hidden = torch.randn(2, 8, 16, device="meta", requires_grad=True)
+    weight = torch.randn(40, 16, device="meta", requires_grad=True)
+    targets = torch.randint(0, 40, (2, 8), device="meta")
+    loss = linear_cross_entropy(hidden, weight, targets)
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    assert hidden.grad.device.type == "meta" and weight.grad.device.type == "meta"
+    assert weight.grad.dtype == torch.float32

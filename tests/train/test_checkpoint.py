@@ -335,7 +335,7 @@ def test_a_save_without_a_process_group_warns_nothing_but_what_matters(debug_con
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run.save(1)
-    assert [str(w.message) for w in caught] == []
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
     real_save = ckpt.dcp.save
 
     def save_with_a_warning(*args, **kwargs):

@@ -72,3 +72,24 @@ def test_a_model_the_registry_does_not_have_is_refused_before_any_work(model, me
         pretrain(parse_config_dict({"model": model}), tmp_path / "run")
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_model_shape_replaces_the_flavors_fields_and_bad_fields_are_named():
+    from lmforge.config import ModelConfig
+    from lmforge.rundir import check_model_section, run_model_config
+
+    shaped = ModelConfig(family="llama", flavor="debug", shape={"dim": 48, "n_heads": 3, "n_kv_heads": 1})
+    check_model_section(shaped)
+    cfg = run_model_config(shaped, seq_len=32, tokenizer_vocab=300)
+    assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.max_seq_len) == (48, 3, 1, 2, 32)
+    for shape, message in [
+        ({"width": 48}, "config key 'model.shape': unknown LlamaConfig field(s) ['width']"),
+        ({"dim": 50}, "config key 'model.shape': LlamaConfig.dim=50 must be divisible by n_heads=4"),
+        (
+            {"vocab_size": 99},
+            "config key 'model.shape' sets ['vocab_size']: use model.vocab_size and data.seq_len",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            check_model_section(ModelConfig(family="llama", flavor="debug", shape=shape))
+        assert str(err.value).startswith(message), str(err.value)

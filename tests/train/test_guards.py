@@ -195,3 +195,9 @@ def test_the_guard_state_round_trips_and_defaults():
     empty = guard()
     empty.load_state_dict({})  # a checkpoint from before the guard kept state
     assert empty.state_dict() == {"nonfinite_steps": 0, "consecutive": 0, "rollbacks": 0, "lr_scale": 1.0}
+
+
+def test_the_step_flags_stay_on_the_losss_device():
+    """The meta device stands in for a GPU: flags made on the CPU would not stack with a meta loss."""
+    flags = step_flags(torch.ones((), device="meta"), torch.ones((), device="meta"), True, check_grad=True)
+    assert flags.device.type == "meta" and flags.shape == (2,)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 # What tensor parallelism (Megatron-LM, see lmforge.parallel.tensor) does with a module:
 #   embedding            vocab rows split; the output goes into the residual stream's layout
@@ -85,6 +85,25 @@ class SavedBytes:
 
 
 @dataclass(frozen=True)
+class HuggingFaceMap:
+    """How a family's models map onto a Hugging Face transformers architecture (the family's hf.py).
+
+    Pure functions of configs and state dicts: lmforge.hf reads and writes the files, and nothing
+    here imports transformers. `state_to_hf` gets the checkpoint's names (a tied head under the
+    embedding's name) and returns Hugging Face's, whose tensors own their memory (safetensors refuses
+    shared storage); `state_from_hf` the reverse. The config functions raise ValueError for what
+    the other side cannot express.
+    """
+
+    architecture: str  # config.json "architectures" (e.g. "LlamaForCausalLM")
+    model_type: str  # config.json "model_type" (e.g. "llama")
+    config_to_hf: Callable[[Any], dict[str, Any]]  # family config -> config.json's shape keys
+    config_from_hf: Callable[[Mapping[str, Any]], Any]  # config.json -> family config
+    state_to_hf: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]
+    state_from_hf: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Everything lmforge needs to build, split and shard one model family."""
 
@@ -102,3 +121,4 @@ class FamilySpec:
     saved_bytes: Callable[[Any, int, int, int, int], SavedBytes]
     # module class -> a class with the same parameters and a fused forward (train.fused_projections)
     fused_modules: Mapping[type[nn.Module], type[nn.Module]] = field(default_factory=dict)
+    hf: HuggingFaceMap | None = None  # the Hugging Face transformers round trip (lmforge.hf)

@@ -1,9 +1,10 @@
 """Llama: model.py (the model), flavors.py (named sizes), parallelize.py (its modules as the
-parallel code needs them). SPEC is the family's entry in lmforge.models.FAMILIES."""
+parallel code needs them), hf.py (its Hugging Face transformers names). SPEC is the family's entry
+in lmforge.models.FAMILIES."""
 
 from __future__ import annotations
 
-from lmforge.models.llama import fused, memory, parallelize
+from lmforge.models.llama import fused, hf, memory, parallelize
 from lmforge.models.llama.flavors import FLAVORS
 from lmforge.models.llama.model import Llama, LlamaConfig
 from lmforge.models.spec import FamilySpec
@@ -18,5 +19,6 @@ SPEC = FamilySpec(
     tp_plan=parallelize.TP_PLAN,
     tp_divisible=parallelize.TP_DIVISIBLE,
     saved_bytes=memory.saved_bytes,
+    hf=hf.HF,
     fused_modules=fused.FUSED,
 )

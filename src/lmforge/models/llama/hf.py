@@ -1,0 +1,153 @@
+"""Llama <-> Hugging Face transformers' LlamaForCausalLM: config.json keys and weight names.
+
+Names: tok_embeddings -> model.embed_tokens, layers.N.attention.{wq,wk,wv,wo} ->
+model.layers.N.self_attn.{q,k,v,o}_proj, feed_forward.{w1,w3,w2} -> mlp.{gate,up,down}_proj,
+attention_norm / ffn_norm -> input_layernorm / post_attention_layernorm, norm -> model.norm,
+output -> lm_head (left out when tied: transformers ties it to the embedding itself).
+
+RoPE: this model rotates interleaved pairs (x[2i], x[2i+1]) of each head (Meta's convention);
+transformers rotates halves (x[i], x[i + head_dim/2]). The attention scores are the same if the
+rows of wq and wk are permuted within each head so that our row 2i + j becomes row j * head_dim/2 + i
+(what transformers' convert_llama_weights_to_hf.py does to Meta's checkpoints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from lmforge.models.llama.model import LlamaConfig
+from lmforge.models.spec import HuggingFaceMap
+
+_BLOCK = {  # ours, relative to layers.N -> Hugging Face's, relative to model.layers.N
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_ROOT = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+         "output.weight": "lm_head.weight"}  # fmt: skip
+
+
+def _pairs_to_halves(w: Tensor, n_heads: int) -> Tensor:
+    """(n_heads * head_dim, in) rows in RoPE pair order -> rotate-half order, head by head."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _halves_to_pairs(w: Tensor, n_heads: int) -> Tensor:
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    if cfg.qk_norm:
+        raise ValueError("LlamaForCausalLM has no QK-norm (model.qk_norm is true)")
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters, earlier versions rope_theta: both are written.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+    }
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"rope_parameters is {rope!r}, not a mapping")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unsupported = {
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (hf.get("attention_bias", False), False),
+        "mlp_bias": (hf.get("mlp_bias", False), False),
+        "rope type": (rope_type, "default"),
+    }
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ValueError(f"{key} is {value!r}; lmforge's llama supports only {supported!r}")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise ValueError(
+            f"head_dim {head_dim} x num_attention_heads {hf['num_attention_heads']} is not hidden_size "
+            f"{hf['hidden_size']}; lmforge's llama derives head_dim from them"
+        )
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffn_hidden=hf["intermediate_size"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def state_to_hf(state: Mapping[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
+    assert cfg.n_kv_heads is not None
+    heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name in _ROOT:
+            out[_ROOT[name]] = tensor.clone()
+            continue
+        _, layer, rest = name.split(".", 2)  # layers.N.rest
+        if rest in heads:
+            tensor = _pairs_to_halves(tensor, heads[rest])
+        out[f"model.layers.{layer}.{_BLOCK[rest]}"] = tensor.clone()
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def state_from_hf(hf: Mapping[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
+    assert cfg.n_kv_heads is not None
+    root = {theirs: ours for ours, theirs in _ROOT.items()}
+    block = {theirs: ours for ours, theirs in _BLOCK.items()}
+    heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
+    out: dict[str, Tensor] = {}
+    for name, tensor in hf.items():
+        if name in root:
+            out[root[name]] = tensor
+            continue
+        if not name.startswith("model.layers.") or name.split(".", 3)[3] not in block:
+            raise ValueError(f"weight '{name}' has no place in lmforge's llama")
+        _, _, layer, rest = name.split(".", 3)
+        ours = block[rest]
+        out[f"layers.{layer}.{ours}"] = _halves_to_pairs(tensor, heads[ours]) if ours in heads else tensor
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)  # the checkpoint keeps a tied head under the embedding's name
+    return out
+
+
+HF = HuggingFaceMap(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    config_to_hf=config_to_hf,
+    config_from_hf=config_from_hf,
+    state_to_hf=state_to_hf,
+    state_from_hf=state_from_hf,
+)
