@@ -116,31 +116,45 @@ def generate(
     print()
 
 
-def evaluate(run: str, batches: int = 50, batch_size: int = 8, device: str = "auto") -> None:
-    """Print validation loss and perplexity of a trained model on its run's validation split.
+def evaluate(
+    run: str,
+    data: str | None = None,
+    seq_len: int | None = None,
+    batches: int = 50,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> None:
+    """Print the loss, perplexity and bits per byte of a trained model (one JSON line).
 
     Args:
         run: Run directory (its newest checkpoint) or checkpoint directory.
-        batches: Validation batches to average over.
+        data: Any text source the data command accepts (a file, directory, glob, .jsonl, .parquet, stdlib), tokenized with the model's tokenizer; default: the run's validation split.
+        seq_len: Window length for --data (default: the model's context length).
+        batches: Batches to average over (the first ones, in order).
         batch_size: Sequences per batch.
         device: auto, cpu, cuda or cuda:N.
     """
-    from lmforge.api import load_checkpoint
+    from lmforge.api import evaluate_text, load_checkpoint
     from lmforge.config import load_config
     from lmforge.data.loader import val_batches
-    from lmforge.evaluate.perplexity import evaluate_loss
+    from lmforge.evaluate.perplexity import bits_per_byte, evaluate_loss, token_byte_lengths
     from lmforge.rundir import data_dir_for, resolve_checkpoint, run_precision
     from lmforge.runtime import PRECISION_NAMES, resolve_device
 
+    if data is not None:
+        print(json.dumps(evaluate_text(run, data, seq_len, batch_size, batches, resolve_device(device))))
+        return
     dev = resolve_device(device)
     ckpt_dir = resolve_checkpoint(run)
     cfg = load_config(ckpt_dir / "config.yaml")
     data_dir = data_dir_for(cfg.data, run_dir=ckpt_dir.parent.parent)
-    model, _ = load_checkpoint(ckpt_dir, device=dev)
-    data = val_batches(data_dir, batch_size, cfg.data.seq_len, batches)
+    model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
+    val = val_batches(data_dir, batch_size, cfg.data.seq_len, batches)
     dtype = run_precision(ckpt_dir, dev)  # the run's precision
-    result = evaluate_loss(model, data, dev, dtype)
-    print(json.dumps({"checkpoint": str(ckpt_dir), **result, "dtype": PRECISION_NAMES[dtype]}))
+    result = evaluate_loss(model, val, dev, dtype)
+    bpb = bits_per_byte(result["val_loss"], (t for _, t in val), token_byte_lengths(tokenizer))
+    print(json.dumps({"checkpoint": str(ckpt_dir), **result, "val_bits_per_byte": bpb,
+                      "dtype": PRECISION_NAMES[dtype]}))  # fmt: skip
 
 
 def export(run: str, out: str | None = None, format: Literal["lmforge", "hf"] = "lmforge") -> None:

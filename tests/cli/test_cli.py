@@ -18,6 +18,7 @@ from lmforge.bench import interleaving_on_one_process
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data.loader import val_batches
+from lmforge.data.tokenizer import special_ids
 from lmforge.infer.generate import complete
 from lmforge.runtime import resolve_device
 
@@ -71,6 +72,31 @@ def test_pretrain_generate_eval(prepared_dir, tmp_path, capsys):
     assert result["checkpoint"] == str(run / "checkpoints" / "step_0000004")
     assert result["val_loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
     assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]), rel=1e-9)
+    assert 0 < result["val_bits_per_byte"] < result["val_loss"] / math.log(2)  # tokens hold more than a byte
+
+    # Any text: one document, tokenized as the data command writes it (its tokens, then eos), in one
+    # window; ASCII, so each character is one byte.
+    text = "def add(a, b):\n    return a + b\n"
+    (tmp_path / "notes.txt").write_text(text)
+    ids = tokenizer.encode(text).ids + [special_ids(tokenizer)["eos"]]
+    window = len(ids) - 1
+    assert main(["eval", str(run), "--data", str(tmp_path / "notes.txt"), "--seq-len", str(window),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    on_text = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        want = F.cross_entropy(model(torch.tensor([ids[:-1]]))[0], torch.tensor(ids[1:])).item()
+    assert (on_text["tokens"], on_text["windows"], on_text["seq_len"]) == (window, 1, window)
+    assert on_text["loss"] == pytest.approx(want, rel=1e-5)
+    assert on_text["ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+    predicted_bytes = len(text.encode()) - len(
+        tokenizer.decode([ids[0]]).encode()
+    )  # the first token is no target
+    assert on_text["bits_per_byte"] == pytest.approx(
+        want * window / (predicted_bytes * math.log(2)), rel=1e-5
+    )
+    assert main(["eval", str(run), "--data", str(tmp_path / "absent.txt")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("lmforge: error: ") and "absent.txt" in error, error
 
     # `import lmforge; lmforge.load(RUN)` reads the run-directory format only: no trainer, no
     # parallel layouts, no pipelining (a fresh interpreter, so nothing is imported already).

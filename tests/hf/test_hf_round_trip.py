@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 import transformers  # a dev dependency: the reference the round trip is checked against
 
-from lmforge.api import load
+from lmforge.api import evaluate_text, load
 from lmforge.config import load_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
@@ -214,6 +215,9 @@ def test_an_export_imports_back_as_the_same_model(exported, tmp_path):
     generated = lmforge_cli("generate", str(tmp_path / "imported"), "--prompt", "def f(", "--max-new-tokens", "4",
                             "--temperature", "0")  # fmt: skip
     assert generated.returncode == 0 and generated.stdout.startswith("def f("), generated.stderr[-2000:]
+    (tmp_path / "notes.txt").write_text("def f(x):\n    return x * 2\n" * 20)
+    on_text = evaluate_text(tmp_path / "imported", str(tmp_path / "notes.txt"), seq_len=32, max_batches=1)
+    assert on_text["windows"] > 1 and math.isfinite(on_text["loss"]) and on_text["bits_per_byte"] > 0
 
 
 def transformers_model_dir(family: str, prepared_dir: Path, out: Path) -> Path:
