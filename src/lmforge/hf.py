@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,7 @@ from lmforge.data.errors import DataError
 from lmforge.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
 from lmforge.errors import CheckpointError
 from lmforge.models import FAMILIES, build_model, spec_of
-from lmforge.rundir import checkpoint_weights, meta_model, model_state_dict, read_manifest
+from lmforge.rundir import checkpoint_weights, meta_model, model_state_dict, read_manifest, write_export
 from lmforge.train.checkpoint import save_checkpoint
 from lmforge.train.optim import build_optimizer
 
@@ -37,12 +36,9 @@ from lmforge.train.optim import build_optimizer
 def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
     """Write the checkpoint as a Hugging Face model directory; returns out_dir/model.safetensors.
 
-    Every file goes to a temporary name first and the weights are renamed into place last, so a
-    model.safetensors is never beside the config of another export. CheckpointError for a model
+    Written as lmforge.rundir.write_export writes (the weights renamed into place last). CheckpointError for a model
     transformers has no architecture for (the message names what is missing).
     """
-    from safetensors.torch import save_file
-
     model = meta_model(ckpt_dir)
     spec = spec_of(model)
     if spec.hf is None:
@@ -84,18 +80,13 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
         },
         "special_tokens_map.json": special,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model.safetensors").unlink(missing_ok=True)
-    for name, content in texts.items():
-        (out_dir / f".{name}.tmp").write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(out_dir / f".{name}.tmp", out_dir / name)
-    shutil.copyfile(ckpt_dir / "tokenizer.json", out_dir / ".tokenizer.json.tmp")
-    os.replace(out_dir / ".tokenizer.json.tmp", out_dir / "tokenizer.json")
-    tmp = out_dir / ".model.safetensors.tmp"
-    step = str(read_manifest(ckpt_dir)["step"])
-    save_file(state, str(tmp), metadata={"format": "pt", "lmforge_step": step})
-    os.replace(tmp, out_dir / "model.safetensors")
-    return out_dir / "model.safetensors"
+    return write_export(
+        out_dir,
+        state,
+        {"format": "pt", "lmforge_step": str(read_manifest(ckpt_dir)["step"])},
+        {"tokenizer.json": ckpt_dir / "tokenizer.json"},
+        {name: json.dumps(content, indent=2) + "\n" for name, content in texts.items()},
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

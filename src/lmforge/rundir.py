@@ -366,20 +366,38 @@ def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
-    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file), plus
-    config.yaml and tokenizer.json; written to a temporary name first. Holds the weights in memory."""
+def write_export(
+    out_dir: Path,
+    weights: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    copies: dict[str, Path],
+    texts: dict[str, str] | None = None,
+) -> Path:
+    """Write an export directory: OUT/model.safetensors (`weights`, with `metadata`), the files
+    `copies` names (OUT/name <- path) and `texts` (OUT/name <- content). Each goes to a temporary
+    name that is renamed into place, the weights last, so that a model.safetensors is never next to
+    the config of another export. Returns the weights' path."""
     from safetensors.torch import save_file
 
-    weights = checkpoint_weights(ckpt_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Every file goes to a temporary name first; the weights are renamed into place last, so a
-    # model.safetensors is never next to the config of another export.
     (out_dir / "model.safetensors").unlink(missing_ok=True)
-    for name in ("config.yaml", "tokenizer.json"):
-        shutil.copyfile(ckpt_dir / name, out_dir / f".{name}.tmp")
+    for name, content in (texts or {}).items():
+        (out_dir / f".{name}.tmp").write_text(content)
         os.replace(out_dir / f".{name}.tmp", out_dir / name)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt", "step": str(read_manifest(ckpt_dir)["step"])})
-    os.replace(tmp, out_dir / "model.safetensors")
+    for name, source in copies.items():
+        shutil.copyfile(source, out_dir / f".{name}.tmp")
+        os.replace(out_dir / f".{name}.tmp", out_dir / name)
+    save_file(weights, str(out_dir / ".model.safetensors.tmp"), metadata=metadata)
+    os.replace(out_dir / ".model.safetensors.tmp", out_dir / "model.safetensors")
     return out_dir / "model.safetensors"
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
+    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file), plus
+    config.yaml and tokenizer.json (write_export). Holds the weights in memory."""
+    return write_export(
+        out_dir,
+        checkpoint_weights(ckpt_dir),
+        {"format": "pt", "step": str(read_manifest(ckpt_dir)["step"])},
+        {name: ckpt_dir / name for name in ("config.yaml", "tokenizer.json")},
+    )

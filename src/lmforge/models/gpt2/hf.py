@@ -108,9 +108,9 @@ def state_to_hf(state: Mapping[str, Tensor], cfg: GPT2Config) -> dict[str, Tenso
 
 def state_from_hf(hf: Mapping[str, Tensor], cfg: GPT2Config) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
+    # Names as state_to_hf writes them: lmforge.hf.import_hf drops a tied head and old checkpoints'
+    # causal-mask buffers before it calls this.
     for name, tensor in hf.items():
-        if name == "lm_head.weight" or name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
-            continue  # the tied head; old checkpoints' causal-mask buffers
         if not name.startswith("transformer."):
             raise ValueError(f"weight '{name}' has no place in lmforge's gpt2")
         ours = name.removeprefix("transformer.")
