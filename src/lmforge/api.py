@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.adapt.lora import merge_lora
 from lmforge.data.errors import DataError
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models import FamilyModel
@@ -31,6 +32,7 @@ def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple
     model.to_empty(device=device)
     model.init_weights()  # also fills the buffers that are not saved (e.g. RoPE tables)
     load_model_weights(model, ckpt_dir / "model")
+    merge_lora(model)  # a LoRA run: the adapters folded into their layers, which then run at full speed
     return model.eval(), load_tokenizer(ckpt_dir / "tokenizer.json")
 
 

@@ -157,24 +157,29 @@ def evaluate(
                       "dtype": PRECISION_NAMES[dtype]}))  # fmt: skip
 
 
-def export(run: str, out: str | None = None, format: Literal["lmforge", "hf"] = "lmforge") -> None:
+def export(run: str, out: str | None = None, format: Literal["lmforge", "hf", "peft"] = "lmforge") -> None:
     """Gather a checkpoint (written by any layout) into one safetensors file with its config and tokenizer.
 
     Args:
         run: Run directory (its newest checkpoint) or checkpoint directory.
-        out: Output directory (default: RUN/export, or RUN/export-hf for --format hf).
-        format: lmforge (model.safetensors, config.yaml, tokenizer.json) or hf (a Hugging Face transformers model directory: AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer load it).
+        out: Output directory (default: RUN/export, RUN/export-hf or RUN/export-peft).
+        format: lmforge (model.safetensors, config.yaml, tokenizer.json), hf (a Hugging Face transformers model directory: AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer load it) or peft (a LoRA run's adapters alone, as PEFT saves them). lmforge and hf write a LoRA run merged.
     """
     from lmforge.rundir import export_checkpoint, resolve_checkpoint
 
     ckpt_dir = resolve_checkpoint(run)
-    if format == "hf":
-        from lmforge.hf import export_hf
-
-        path = export_hf(ckpt_dir, Path(out) if out else Path(run) / "export-hf")
+    out_dir = (
+        Path(out)
+        if out
+        else Path(run) / {"lmforge": "export", "hf": "export-hf", "peft": "export-peft"}[format]
+    )
+    if format == "lmforge":
+        path = export_checkpoint(ckpt_dir, out_dir)
     else:
-        path = export_checkpoint(ckpt_dir, Path(out) if out else Path(run) / "export")
-    print(json.dumps({"exported": str(path), "format": format}))
+        from lmforge.hf import export_hf, export_peft
+
+        path = (export_hf if format == "hf" else export_peft)(ckpt_dir, out_dir)
+    print(json.dumps({"exported": str(path), "format": format, "bytes": path.stat().st_size}))
 
 
 def import_hf(hf_dir: str, out: str | None = None) -> None:
@@ -204,10 +209,31 @@ def pretrain(config: RunConfig, out: str, resume: str = "no", resume_from: str |
         print(json.dumps(result))
 
 
+def finetune(
+    config: RunConfig, out: str, init: str | None, resume: str = "no", resume_from: str | None = None
+) -> None:
+    """`pretrain` from the weights of `init` (train.init): the model section and tokenizer are the init's."""
+    from dataclasses import replace
+
+    if init is not None:
+        config = replace(config, train=replace(config.train, init=init))
+    if config.train.init is None:
+        raise ConfigError(
+            "finetune needs --init RUN_OR_CHECKPOINT: the run or checkpoint whose weights it starts from"
+        )
+    pretrain(config, out, resume, resume_from)
+
+
+FINETUNE_HELP = (
+    "Fine-tune a model: lmforge finetune --config FILE --out DIR --init RUN_OR_CHECKPOINT "
+    "[--resume [auto] | --resume-from CKPT] [--section.key=value ...]. The model and tokenizer are "
+    "those of --init; sections freeze and lora choose what trains (see docs/finetune.md)."
+)
+
 PRETRAIN_HELP = (
     "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume [auto] | --resume-from CKPT] "
     "[--section.key=value ...]. "
-    "Sections: model, data, optim, schedule, train, checkpoint, logging, parallel."
+    "Sections: model, data, optim, schedule, train, checkpoint, logging, parallel, freeze, lora."
 )
 
 
@@ -340,6 +366,27 @@ def _function_parser(fn, positional: bool = False) -> ArgumentParser:
     return parser
 
 
+def _training_parser(description: str) -> ArgumentParser:
+    """The parser of `pretrain` and `finetune`: --config, --out, --resume, and every RunConfig key."""
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False, description=description)
+    parser.add_argument("--config", action=_ConfigFileAction, help="Recipe YAML (e.g. recipes/tiny.yaml).")
+    parser.add_argument("--out", type=str, required=True, help="Run directory.")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default="no",
+        choices=["no", "latest", "auto"],
+        help="Continue the run in --out from its newest valid checkpoint (which must exist); "
+        "`--resume auto`: from its newest valid checkpoint if it has one, else start it (requeued jobs).",
+    )
+    parser.add_argument(
+        "--resume_from", type=str, help="Continue the run in --out from exactly this checkpoint directory."
+    )
+    parser.add_class_arguments(RunConfig, None)
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="lmforge",
@@ -349,25 +396,16 @@ def build_parser() -> ArgumentParser:
     )
     commands = parser.add_subcommands(dest="command")
 
-    pretrain_parser = ArgumentParser(exit_on_error=False, allow_abbrev=False, description=PRETRAIN_HELP)
-    pretrain_parser.add_argument(
-        "--config", action=_ConfigFileAction, help="Recipe YAML (e.g. recipes/tiny.yaml)."
+    commands.add_subcommand(
+        "pretrain", _training_parser(PRETRAIN_HELP), help="Pretrain a model from a recipe."
     )
-    pretrain_parser.add_argument("--out", type=str, required=True, help="Run directory.")
-    pretrain_parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default="no",
-        choices=["no", "latest", "auto"],
-        help="Continue the run in --out from its newest valid checkpoint (which must exist); "
-        "`--resume auto`: from its newest valid checkpoint if it has one, else start it (requeued jobs).",
+    finetune_parser = _training_parser(FINETUNE_HELP)
+    finetune_parser.add_argument(
+        "--init", type=str, help="The run directory (its newest checkpoint) or checkpoint to start from."
     )
-    pretrain_parser.add_argument(
-        "--resume_from", type=str, help="Continue the run in --out from exactly this checkpoint directory."
+    commands.add_subcommand(
+        "finetune", finetune_parser, help="Fine-tune a trained model (full, frozen, LoRA)."
     )
-    pretrain_parser.add_class_arguments(RunConfig, None)
-    commands.add_subcommand("pretrain", pretrain_parser, help="Pretrain a model from a recipe.")
 
     commands.add_subcommand(
         "quickstart", _function_parser(quickstart), help="Tiny end-to-end run on stdlib source."
@@ -431,14 +469,18 @@ def _resume_config(argv: list[str]) -> list[str]:
     yet it starts the run, which the defaults alone must not do."""
     mode = _resume_mode(argv)
     resuming = mode in ("latest", "auto") or any(a.startswith("--resume_from") for a in argv)
-    if argv[:1] != ["pretrain"] or not resuming or any(a.startswith("--config") for a in argv):
+    if (
+        argv[:1] not in (["pretrain"], ["finetune"])
+        or not resuming
+        or any(a.startswith("--config") for a in argv)
+    ):
         return argv
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
     if out is None and "--out" in argv and argv.index("--out") + 1 < len(argv):
         out = argv[argv.index("--out") + 1]
     saved = Path(out) / "config.yaml" if out else None
     if saved and saved.is_file():
-        return ["pretrain", "--config", str(saved), *argv[1:]]
+        return [argv[0], "--config", str(saved), *argv[1:]]
     if mode == "auto":
         raise ConfigError(
             f"--resume auto: {saved or 'the run directory'} does not exist, and without --config the run "
@@ -451,10 +493,13 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
     args = parser.parse_args(argv)
     command = args.command
     sub = args[command]
-    if command == "pretrain":
+    if command in ("pretrain", "finetune"):
         assert parser._subcommands_action is not None  # noqa: SLF001 - build_parser added the subcommands
-        values = parser._subcommands_action._name_parser_map["pretrain"].instantiate(sub)  # noqa: SLF001
-        pretrain(namespace_to_config(values), values.out, values.resume, values.resume_from)
+        values = parser._subcommands_action._name_parser_map[command].instantiate(sub)  # noqa: SLF001
+        if command == "finetune":
+            finetune(namespace_to_config(values), values.out, values.init, values.resume, values.resume_from)
+        else:
+            pretrain(namespace_to_config(values), values.out, values.resume, values.resume_from)
         return
     if command == "data":
         prepare(**sub.prepare.as_dict())

@@ -177,6 +177,7 @@ class TrainConfig:
         nonfinite_action: rollback (reload the last checkpoint, keep reading new data) or stop (exit with an error).
         rollback_lr_factor: Multiply the learning rate by this after each rollback.
         max_rollbacks: Stop instead of rolling back once this many rollbacks happened.
+        init: Start from the weights of this run directory (its newest checkpoint) or checkpoint directory instead of a random initialisation: fine-tuning (`lmforge finetune --init` sets it); the model section then comes from it.
     """
 
     max_steps: int = 1000
@@ -204,6 +205,7 @@ class TrainConfig:
     nonfinite_action: Literal["rollback", "stop"] = "rollback"
     rollback_lr_factor: float = 1.0
     max_rollbacks: int = 3
+    init: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", "> 0", self.max_steps)
@@ -231,6 +233,47 @@ class TrainConfig:
                  "false with train.fused_projections (the fused matmuls bypass the float8 layers)", self.float8)  # fmt: skip
         _require(self.target_val_loss is None or self.target_val_loss > 0, "train.target_val_loss", "> 0",
                  self.target_val_loss)  # fmt: skip
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters that training leaves unchanged: they get no gradient and no optimizer state.
+
+    Args:
+        embeddings: Freeze the input embeddings (and positions); with tied embeddings, the output head too.
+        first_blocks: Freeze the first K transformer blocks.
+        all_but_head: Freeze everything except the output head (with tied embeddings the head is the embedding, which then trains).
+    """
+
+    embeddings: bool = False
+    first_blocks: int = 0
+    all_but_head: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.first_blocks >= 0, "freeze.first_blocks", ">= 0", self.first_blocks)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021): W x + (alpha / rank) B A x, only A and B train.
+
+    Args:
+        rank: Rank of the adapters; 0: no LoRA.
+        alpha: Scale numerator: the update is multiplied by alpha / rank.
+        dropout: Dropout on the adapters' input.
+        targets: Linear layers inside each block that get adapters: `attention`, `mlp`, or module names relative to a block, matched on whole name parts (llama: wq, wk, wv, wo, w1, w2, w3; gpt2: c_attn, attn.c_proj, c_fc, mlp.c_proj).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attention"])
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "lora.rank", ">= 0", self.rank)
+        _require(self.alpha > 0, "lora.alpha", "> 0", self.alpha)
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "in [0, 1)", self.dropout)
+        _require(len(self.targets) > 0, "lora.targets", "at least one module name", self.targets)
 
 
 @dataclass
@@ -326,8 +369,14 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        for key in ("fused_projections", "float8"):
+            # Both swap or bypass the nn.Linear layers that LoRA wraps.
+            _require(not (self.lora.rank and getattr(self.train, key)), "lora.rank",
+                     f"0 with train.{key} (LoRA adapts plain nn.Linear layers)", self.lora.rank)  # fmt: skip
         tokens_per_micro_batch = self.train.micro_batch_size * self.data.seq_len
         if self.train.global_batch_tokens is not None:
             _require(

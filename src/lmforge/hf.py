@@ -23,7 +23,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from lmforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lmforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from lmforge.data.errors import DataError
 from lmforge.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
 from lmforge.errors import CheckpointError
@@ -87,6 +87,54 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
         {"tokenizer.json": ckpt_dir / "tokenizer.json"},
         {name: json.dumps(content, indent=2) + "\n" for name, content in texts.items()},
     )
+
+
+def export_peft(ckpt_dir: Path, out_dir: Path) -> Path:
+    """Write a LoRA run's adapters alone as PEFT writes them: adapter_config.json and
+    adapter_model.safetensors, with Hugging Face module names, so that
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), out_dir)` computes what
+    the run computes, BASE_HF being the export (`--format hf`) of the run's base (its train.init).
+    Returns out_dir/adapter_model.safetensors."""
+    cfg = load_config(ckpt_dir / "config.yaml")
+    if not cfg.lora.rank:
+        raise CheckpointError(
+            f"cannot export {ckpt_dir} as PEFT adapters: it is not a LoRA run (lora.rank is 0)"
+        )
+    model = meta_model(ckpt_dir)
+    spec = spec_of(model)
+    if spec.hf is None:
+        raise CheckpointError(
+            f"cannot export {ckpt_dir} as PEFT adapters: family {spec.name} has no Hugging Face map"
+        )
+    weights = checkpoint_weights(ckpt_dir, merge_adapters=False)
+    tensors: dict[str, Tensor] = {}
+    targets = set()
+    for name in sorted(n.removesuffix(".lora_A") for n in weights if n.endswith(".lora_A")):
+        hf_name, lora_b = spec.hf.lora_to_hf(name, weights[f"{name}.lora_B"], model.cfg)
+        tensors[f"base_model.model.{hf_name}.lora_A.weight"] = weights[f"{name}.lora_A"].contiguous()
+        tensors[f"base_model.model.{hf_name}.lora_B.weight"] = lora_b.contiguous()
+        layer = name.split(".")[1]  # blocks are named PREFIX.N.rest on both sides
+        targets.add(hf_name.split(f".{layer}.", 1)[1])  # PEFT matches a target on whole trailing name parts
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": cfg.train.init,
+        "r": cfg.lora.rank,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_dropout": cfg.lora.dropout,
+        "target_modules": sorted(targets),
+        "fan_in_fan_out": spec.hf.fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    path = write_export(out_dir, tensors, {"format": "pt", "lmforge_step": str(read_manifest(ckpt_dir)["step"])},
+                        {}, {"adapter_config.json": json.dumps(config, indent=2) + "\n"},
+                        weights_name="adapter_model.safetensors")  # fmt: skip
+    return path
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -24,12 +24,14 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -38,7 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from lmforge.config import DataConfig, ModelConfig, load_config, one_line
+from lmforge.adapt.lora import apply_lora, merge_state
+from lmforge.config import DataConfig, LoraConfig, ModelConfig, load_config, one_line, to_dict
 from lmforge.data.prepare import load_manifest, prepare_data
 from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size
 from lmforge.errors import CheckpointError, ConfigError
@@ -129,11 +132,14 @@ def _check_shape_keys(cfg: ModelConfig) -> None:
 
 
 def meta_model(ckpt_dir: Path) -> FamilyModel:
-    """The checkpoint's model, built from its config.yaml and tokenizer.json on the meta device."""
+    """The checkpoint's model, built from its config.yaml and tokenizer.json on the meta device (with
+    LoRA adapters for a LoRA run: lmforge.adapt.lora.merge_lora folds them in)."""
     cfg = load_config(ckpt_dir / "config.yaml")
     tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
-    return build_model(model_cfg, device="meta")
+    model = build_model(model_cfg, device="meta")
+    apply_lora(model, cfg.lora)  # a LoRA run's checkpoint holds its adapters beside the base weights
+    return model
 
 
 def run_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
@@ -338,10 +344,16 @@ def check_weight_shapes(expected: dict[str, torch.Tensor], weights_dir: Path) ->
             )
 
 
-def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) -> None:
-    """Load safetensors weights into the model (or its pipeline stages) in place, shapes checked."""
+def load_model_weights(
+    parts: nn.Module | list[nn.Module], weights_dir: Path, exclude: Callable[[str], bool] | None = None
+) -> None:
+    """Load safetensors weights into the model (or its pipeline stages) in place, shapes checked.
+    exclude: names of weights not to load (a fine-tuning run's adapters, absent from its base)."""
     parts = parts if isinstance(parts, list) else [parts]
-    templates = [model_state_dict(part) for part in parts]
+    templates = [
+        {k: v for k, v in model_state_dict(part).items() if exclude is None or not exclude(k)}
+        for part in parts
+    ]
     check_weight_shapes({k: v for template in templates for k, v in template.items()}, weights_dir)
     for part, template in zip(parts, templates, strict=True):
         # One load per part: a rank may hold the same checkpoint tensor twice (never here, as the
@@ -354,16 +366,19 @@ def load_model_weights(parts: nn.Module | list[nn.Module], weights_dir: Path) ->
             part.tie_weights()
 
 
-def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+def checkpoint_weights(ckpt_dir: Path, merge_adapters: bool = True) -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint as a whole tensor, by checkpoint name, shapes checked against its
-    config (a tied weight once, under the embedding's name). Holds them all in memory."""
+    config (a tied weight once, under the embedding's name). Holds them all in memory.
+    merge_adapters: a LoRA run's adapters folded into the weights they adapt (the model it computes);
+    False: as saved, adapters apart."""
     check_weight_shapes(model_state_dict(meta_model(ckpt_dir)), ckpt_dir / "model")
     weights = {}
     for file in sorted((ckpt_dir / "model").glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 weights[key] = f.get_tensor(key)
-    return weights
+    lora = load_config(ckpt_dir / "config.yaml").lora
+    return merge_state(weights, lora) if merge_adapters and lora.rank else weights
 
 
 def write_export(
@@ -372,32 +387,36 @@ def write_export(
     metadata: dict[str, str],
     copies: dict[str, Path],
     texts: dict[str, str] | None = None,
+    weights_name: str = "model.safetensors",
 ) -> Path:
-    """Write an export directory: OUT/model.safetensors (`weights`, with `metadata`), the files
+    """Write an export directory: OUT/model.safetensors (`weights`, with `metadata`; or OUT/weights_name), the files
     `copies` names (OUT/name <- path) and `texts` (OUT/name <- content). Each goes to a temporary
     name that is renamed into place, the weights last, so that a model.safetensors is never next to
     the config of another export. Returns the weights' path."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model.safetensors").unlink(missing_ok=True)
+    (out_dir / weights_name).unlink(missing_ok=True)
     for name, content in (texts or {}).items():
         (out_dir / f".{name}.tmp").write_text(content)
         os.replace(out_dir / f".{name}.tmp", out_dir / name)
     for name, source in copies.items():
         shutil.copyfile(source, out_dir / f".{name}.tmp")
         os.replace(out_dir / f".{name}.tmp", out_dir / name)
-    save_file(weights, str(out_dir / ".model.safetensors.tmp"), metadata=metadata)
-    os.replace(out_dir / ".model.safetensors.tmp", out_dir / "model.safetensors")
-    return out_dir / "model.safetensors"
+    save_file(weights, str(out_dir / f".{weights_name}.tmp"), metadata=metadata)
+    os.replace(out_dir / f".{weights_name}.tmp", out_dir / weights_name)
+    return out_dir / weights_name
 
 
 def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
-    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file), plus
-    config.yaml and tokenizer.json (write_export). Holds the weights in memory."""
+    """OUT/model.safetensors with every weight of the checkpoint (whole tensors, one file; LoRA
+    adapters merged), plus config.yaml and tokenizer.json (write_export). Holds the weights in memory."""
+    cfg = load_config(ckpt_dir / "config.yaml")
+    merged = dataclasses.replace(cfg, lora=LoraConfig())  # the exported weights have no adapters
     return write_export(
         out_dir,
         checkpoint_weights(ckpt_dir),
         {"format": "pt", "step": str(read_manifest(ckpt_dir)["step"])},
-        {name: ckpt_dir / name for name in ("config.yaml", "tokenizer.json")},
+        {"tokenizer.json": ckpt_dir / "tokenizer.json"},
+        {"config.yaml": yaml.safe_dump(to_dict(merged), sort_keys=False)},
     )

@@ -189,8 +189,9 @@ def test_the_cli_exports_and_refuses_what_it_cannot(exported, tmp_path):
     _, ckpt, _ = exported
     result = lmforge_cli("export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr[-2000:]
+    weights = tmp_path / "hf" / "model.safetensors"
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {
-        "exported": str(tmp_path / "hf" / "model.safetensors"), "format": "hf"}  # fmt: skip
+        "exported": str(weights), "format": "hf", "bytes": weights.stat().st_size}  # fmt: skip
     bad = lmforge_cli("export", str(ckpt), "--format", "onnx")
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, bad.stderr
     assert bad.stderr.startswith("lmforge: error: ") and "format" in bad.stderr, bad.stderr

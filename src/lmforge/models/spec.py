@@ -101,6 +101,11 @@ class HuggingFaceMap:
     config_from_hf: Callable[[Mapping[str, Any]], Any]  # config.json -> family config
     state_to_hf: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]
     state_from_hf: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]
+    # PEFT's names for a LoRA adapter: (our linear layer's name, its lora_B, config) -> (the Hugging
+    # Face module's name, lora_B in that module's output order). PEFT keeps lora_A (r, in) and lora_B
+    # (out, r) in nn.Linear's layout whatever the module (Conv1D too, with fan_in_fan_out).
+    lora_to_hf: Callable[[str, Tensor, Any], tuple[str, Tensor]]
+    fan_in_fan_out: bool = False  # PEFT's flag for modules that store (in, out) weights (Conv1D)
 
 
 @dataclass(frozen=True)
@@ -122,3 +127,5 @@ class FamilySpec:
     # module class -> a class with the same parameters and a fused forward (train.fused_projections)
     fused_modules: Mapping[type[nn.Module], type[nn.Module]] = field(default_factory=dict)
     hf: HuggingFaceMap | None = None  # the Hugging Face transformers round trip (lmforge.hf)
+    # LoRA's target groups (lora.targets: attention, mlp) -> block-relative linear layer names
+    lora_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import RunConfig, save_config
+from lmforge.adapt.freeze import trainable_counts
+from lmforge.adapt.lora import is_adapter
+from lmforge.config import DataConfig, ModelConfig, RunConfig, load_config, save_config, to_dict
 from lmforge.data.loader import BatchLoader, val_batches
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import ConfigError
@@ -29,7 +31,15 @@ from lmforge.parallel.mesh import (
     resolve_dims,
     world_size_from_env,
 )
-from lmforge.rundir import check_model_section, data_dir_for, ensure_data, run_model_config
+from lmforge.rundir import (
+    check_model_section,
+    data_dir_for,
+    ensure_data,
+    load_model_weights,
+    resolve_checkpoint,
+    run_model_config,
+    sha256_file,
+)
 from lmforge.runtime import (
     PRECISION_NAMES,
     configure_backends,
@@ -80,6 +90,9 @@ def pretrain(
 
 def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, device: torch.device,
             stop_signal: StopSignal, objective_cls: type[CausalLM], opened: ExitStack) -> TrainingRun:  # fmt: skip
+    init_dir = None
+    if cfg.train.init is not None:
+        cfg, init_dir = adopt_init(cfg)
     ckpt_dir = start_checkpoint(run_dir, cfg, resume)
     if cfg.train.float8:  # before any data is prepared
         check_float8_device(device)
@@ -90,6 +103,13 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     configure_backends(device)
     accum_steps, tokens_per_step = batch_geometry(cfg, dims)
     on_rank0(prepare_run_dir, run_dir, cfg)
+    if init_dir is not None and sha256_file(run_dir / "tokenizer.json") != sha256_file(
+        init_dir / "tokenizer.json"
+    ):
+        raise ConfigError(
+            f"data directory {data_dir_for(cfg.data, run_dir)} was prepared with another tokenizer than that of "
+            f"config key 'train.init' ({init_dir}): fine-tuning data must use the model's tokenizer (another data.dir)"
+        )
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
     fused_loss = check_layout(cfg, model_cfg, dims, accum_steps, device, objective_cls)
@@ -100,8 +120,11 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         model_cfg, cfg.train, cfg.parallel, cfg.optim, layout_of(dims, mesh), device, dtype,
         pp_mesh=mesh["pp"] if mesh is not None and dims.pp > 1 else None,
         pipeline_loss=objective_cls.pipeline_loss,
-        meta_init=_meta_init(cfg, dims, model_cfg),
+        meta_init=_meta_init(cfg, dims, model_cfg), freeze=cfg.freeze, lora=cfg.lora,
     )  # fmt: skip
+    if ckpt_dir is None and init_dir is not None:
+        # Fine-tuning: the base weights replace the seeded ones (adapters keep their init), in any layout.
+        load_model_weights(step.parts, init_dir / "model", exclude=is_adapter)
     data_dir = data_dir_for(cfg.data, run_dir)
     loader = BatchLoader(data_dir, "train", cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed,
                          dp_rank(mesh, dims) if mesh is not None else 0, dims.dp,
@@ -131,6 +154,10 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         f"layout {dims}, {tokens_per_step:,} tokens/step ({accum_steps} micro-batches per rank), "
         f"fused_loss={fused_loss}, run directory {run_dir}"
     )
+    if init_dir is not None:
+        trainable, total = trainable_counts(step.parts)
+        log.print(f"fine-tuning {init_dir}: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters train "
+                  f"({100 * trainable / total:.2f}%)")  # fmt: skip
     peak, _ = peak_flops(device)
     return TrainingRun(
         cfg=cfg, run_dir=run_dir, step=step, objective=objective, log=log, batch_log=batch_log, guard=guard,
@@ -138,6 +165,35 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         flops_per_token=meta.flops_per_token(cfg.data.seq_len),
         peak_flops=peak * dims.world_size if peak else None, check_every=resolve_check_every(cfg, step),
     )  # fmt: skip
+
+
+def adopt_init(cfg: RunConfig) -> tuple[RunConfig, Path]:
+    """Fine-tuning from `train.init` (a run or checkpoint directory): `cfg` with the init's model
+    section, tokenizer and (unless the config sets another) context length, and the checkpoint.
+    A model section or tokenizer of the config's own that differs from the init's is refused."""
+    assert cfg.train.init is not None
+    init_dir = resolve_checkpoint(cfg.train.init).resolve()  # absolute: resumable from anywhere
+    init_cfg = load_config(init_dir / "config.yaml")
+    if init_cfg.lora.rank:
+        raise ConfigError(
+            f"config key 'train.init': {init_dir} is a LoRA run (its adapters are apart from its weights): "
+            "fine-tune its base, or export it merged with `lmforge export` and import that"
+        )
+    if cfg.model not in (ModelConfig(), init_cfg.model):
+        raise ConfigError(
+            f"config section 'model' ({to_dict(cfg)['model']}) differs from that of config key 'train.init' "
+            f"{init_dir} ({to_dict(init_cfg)['model']}): fine-tuning keeps the model; leave the section out"
+        )
+    tokenizer = str(init_dir / "tokenizer.json")
+    if cfg.data.tokenizer not in (None, tokenizer):
+        raise ConfigError(
+            f"config key 'data.tokenizer' ({cfg.data.tokenizer}) differs from the tokenizer of config key "
+            f"'train.init' ({tokenizer}): fine-tuning keeps the model's tokenizer"
+        )
+    seq_len = init_cfg.data.seq_len if cfg.data.seq_len == DataConfig().seq_len else cfg.data.seq_len
+    cfg = replace(cfg, model=init_cfg.model, data=replace(cfg.data, tokenizer=tokenizer, seq_len=seq_len),
+                  train=replace(cfg.train, init=str(init_dir)))  # fmt: skip
+    return cfg, init_dir
 
 
 def batch_geometry(cfg: RunConfig, dims: ParallelDims) -> tuple[int, int]:
@@ -174,6 +230,8 @@ def check_layout(cfg: RunConfig, model_cfg: FamilyConfig, dims: ParallelDims, ac
         validate_layout(
             model_cfg, dims, cfg.parallel, cfg.data.seq_len, cfg.train.micro_batch_size * accum_steps
         )
+    if cfg.lora.rank and dims.pp > 1:
+        raise ConfigError(f"config key 'lora.rank': LoRA is not supported with parallel.pp={dims.pp} yet")
     if cfg.optim.name == "muon" and (dims.dp_shard > 1 or dims.tp > 1):
         raise ConfigError(
             "parallel layout: optim.name 'muon' orthogonalises whole matrices, which FSDP and TP shard "

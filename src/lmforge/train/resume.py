@@ -41,7 +41,7 @@ def start_checkpoint(run_dir: Path, cfg: RunConfig, resume: Resume) -> Path | No
 
 def check_resume_compatible(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
     """A resumed run may change how long it trains, not what it trains."""
-    for section in ("model", "data"):
+    for section in ("model", "data", "freeze", "lora"):
         old, new = to_dict(saved)[section], to_dict(cfg)[section]
         if section == "data":
             old, new = ({k: v for k, v in d.items() if k not in DATA_SPEED_KEYS} for d in (old, new))

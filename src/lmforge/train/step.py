@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from lmforge.config import OptimConfig, ParallelConfig, TrainConfig
+from lmforge.adapt.lora import reset_adapters
+from lmforge.config import FreezeConfig, LoraConfig, OptimConfig, ParallelConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.faults import fault
 from lmforge.models import FamilyConfig, FamilyModel, build_model
@@ -141,6 +142,8 @@ def build_train_step(
     pp_mesh: DeviceMesh | None = None,
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     meta_init: bool = False,
+    freeze: FreezeConfig | None = None,
+    lora: LoraConfig | None = None,
 ) -> TrainStep:
     """Build the model from `model_cfg` (seeded by the caller), transform it (lmforge.train.transforms)
     and build its optimizer(s): the step of one rank.
@@ -153,7 +156,7 @@ def build_train_step(
     compile = compile_enabled(train, device, pipeline=pp_mesh is not None)
 
     def transform(part: nn.Module) -> nn.Module:
-        return apply_transforms(part, train, parallel, layout, device, dtype, compile)
+        return apply_transforms(part, train, parallel, layout, device, dtype, compile, freeze, lora)
 
     tensor_parallel = layout.tp_mesh is not None
     if pp_mesh is not None:
@@ -171,5 +174,6 @@ def build_train_step(
     if meta_init:
         model.to_empty(device=device)
         model.init_weights()
+        reset_adapters(model)
     optimizer = build_optimizer(model, optim, device.type)
     return TrainStep(model, train_module, [optimizer], device, dtype, train.grad_clip, None, tensor_parallel)

@@ -1,7 +1,7 @@
 """Every change made to a single-device model before training, in one ordered list.
 
     1. convert        float8 linears, fused projections (module swaps)         train section
-    2. freeze/adapt   frozen layers, LoRA adapters (the Adapt issue)            (next)
+    2. freeze/adapt   frozen layers, LoRA adapters (lmforge.adapt)              freeze, lora sections
     3. tensor parallel                                                          parallel section
     4. activation checkpointing                                                 train section
     5. compile        each block in place (compile_scope blocks)                train section
@@ -25,7 +25,10 @@ from typing import cast
 import torch
 from torch import nn
 
-from lmforge.config import ParallelConfig, TrainConfig
+from lmforge.adapt.freeze import apply_freeze
+from lmforge.adapt.lora import apply_lora
+from lmforge.config import FreezeConfig, LoraConfig, ParallelConfig, TrainConfig
+from lmforge.errors import ConfigError
 from lmforge.parallel.apply import ModelLayout, apply_data_parallel
 from lmforge.parallel.tensor import apply_tensor_parallel
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
@@ -51,12 +54,19 @@ def apply_transforms(
     device: torch.device,
     compute_dtype: torch.dtype,
     compile: bool,
+    freeze: FreezeConfig | None = None,
+    lora: LoraConfig | None = None,
 ) -> nn.Module:
     """Transform `model` (a whole model or one pipeline stage, materialised or on the meta device)
     in place, in the order above; returns the module a training step calls (the model itself, its
     DDP wrapper, or the compiled form of either). Build the optimizer after this call."""
     tp = layout.tp_mesh.size() if layout.tp_mesh is not None else 1
     convert_model(model, train, tp, device)
+    apply_freeze(model, freeze or FreezeConfig())
+    lora = lora or LoraConfig()
+    if lora.rank and tp > 1:
+        raise ConfigError(f"config key 'lora.rank': LoRA is not supported with parallel.tp={tp} yet")
+    apply_lora(model, lora)
     if layout.tp_mesh is not None:
         apply_tensor_parallel(model, layout.tp_mesh, sequence_parallel=parallel.sequence_parallel)
     apply_activation_checkpointing(model, train.activation_checkpointing)

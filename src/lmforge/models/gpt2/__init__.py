@@ -20,4 +20,5 @@ SPEC = FamilySpec(
     tp_divisible=parallelize.TP_DIVISIBLE,
     saved_bytes=memory.saved_bytes,
     hf=hf.HF,
+    lora_groups=parallelize.LORA_GROUPS,
 )

@@ -127,6 +127,13 @@ def state_from_hf(hf: Mapping[str, Tensor], cfg: GPT2Config) -> dict[str, Tensor
     return out
 
 
+def lora_to_hf(name: str, lora_b: Tensor, cfg: GPT2Config) -> tuple[str, Tensor]:
+    """h.N.attn.c_attn -> transformer.h.N.attn.c_attn, c_attn's output rows in transformers' order."""
+    if name.endswith("attn.c_attn"):
+        lora_b = _heads_to_blocks(lora_b, cfg.n_heads)
+    return f"transformer.{name}", lora_b.clone()
+
+
 HF = HuggingFaceMap(
     architecture="GPT2LMHeadModel",
     model_type="gpt2",
@@ -134,4 +141,6 @@ HF = HuggingFaceMap(
     config_from_hf=config_from_hf,
     state_to_hf=state_to_hf,
     state_from_hf=state_from_hf,
+    lora_to_hf=lora_to_hf,
+    fan_in_fan_out=True,
 )

@@ -39,3 +39,6 @@ TP_PLAN = TensorParallelPlan(
 # Heads are not split across ranks (n_heads divisible by tp); the matmul widths split evenly (dim;
 # the MLP's 4 * dim follows from it). The vocabulary may split unevenly (DTensor pads the last shard).
 TP_DIVISIBLE = ("n_heads", "dim")
+
+# LoRA's target groups (lora.targets): the linear layers of attention and of the MLP.
+LORA_GROUPS = {"attention": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}

@@ -20,5 +20,6 @@ SPEC = FamilySpec(
     tp_divisible=parallelize.TP_DIVISIBLE,
     saved_bytes=memory.saved_bytes,
     hf=hf.HF,
+    lora_groups=parallelize.LORA_GROUPS,
     fused_modules=fused.FUSED,
 )

@@ -143,6 +143,18 @@ def state_from_hf(hf: Mapping[str, Tensor], cfg: LlamaConfig) -> dict[str, Tenso
     return out
 
 
+def lora_to_hf(name: str, lora_b: Tensor, cfg: LlamaConfig) -> tuple[str, Tensor]:
+    """layers.N.attention.wq -> model.layers.N.self_attn.q_proj; q's and k's output rows permuted
+    like their weights (the update B A is then permuted like W)."""
+    assert cfg.n_kv_heads is not None
+    heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
+    _, layer, rest = name.split(".", 2)
+    weight = f"{rest}.weight"
+    if weight in heads:
+        lora_b = _pairs_to_halves(lora_b, heads[weight])
+    return f"model.layers.{layer}.{_BLOCK[weight].removesuffix('.weight')}", lora_b.clone()
+
+
 HF = HuggingFaceMap(
     architecture="LlamaForCausalLM",
     model_type="llama",
@@ -150,4 +162,5 @@ HF = HuggingFaceMap(
     config_from_hf=config_from_hf,
     state_to_hf=state_to_hf,
     state_from_hf=state_from_hf,
+    lora_to_hf=lora_to_hf,
 )

@@ -41,3 +41,9 @@ TP_PLAN = TensorParallelPlan(
 # Heads are not split across ranks (n_heads and n_kv_heads divisible by tp); the matmul widths
 # (dim, ffn_hidden) split evenly. The vocabulary may split unevenly (DTensor pads the last shard).
 TP_DIVISIBLE = ("n_heads", "n_kv_heads", "dim", "ffn_hidden")
+
+# LoRA's target groups (lora.targets): the linear layers of attention and of the MLP.
+LORA_GROUPS = {
+    "attention": ("attention.wq", "attention.wk", "attention.wv", "attention.wo"),
+    "mlp": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+}

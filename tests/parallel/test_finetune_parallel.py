@@ -1,0 +1,70 @@
+"""Fine-tuning under DDP and FSDP2 on 2 gloo processes (torchrun, as a user launches it): the same
+losses as one process on the same global batch, and frozen weights unchanged bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# The launch helpers of the pretraining layouts' tests (the same torchrun command line).
+from test_data_parallel import assert_close, common_args, launch, losses
+
+from lmforge.rundir import checkpoint_weights, latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base(prepared_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "run"
+    result = launch(1, common_args(prepared_dir, out, 1), out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def finetune_args(prepared_dir, base, out, dp, *extra):
+    args = common_args(prepared_dir, out, dp, f"--train.init={base}", "--train.max_steps=6", *extra)
+    return ["finetune", *args[1:]]
+
+
+KINDS = {
+    "freeze": ["--freeze.embeddings=true", "--freeze.first_blocks=1"],
+    "lora": ["--lora.rank=4", "--lora.targets=[attention, mlp]"],
+}
+
+
+@pytest.fixture(scope="module")
+def single(prepared_dir, base, tmp_path_factory):
+    """Each kind of fine-tuning in one process."""
+    runs = {}
+    for kind, extra in KINDS.items():
+        out = tmp_path_factory.mktemp(kind) / "run"
+        result = launch(1, finetune_args(prepared_dir, base, out, 1, *extra), out.parent)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[kind] = out
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("kind", "layout"),
+    [
+        ("freeze", ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),
+        ("freeze", []),  # FSDP2 over both ranks
+        ("lora", []),
+    ],
+    ids=["freeze-ddp", "freeze-fsdp", "lora-fsdp"],
+)
+def test_fine_tuning_matches_one_process(kind, layout, prepared_dir, base, single, tmp_path):
+    out = tmp_path / "run"
+    result = launch(2, finetune_args(prepared_dir, base, out, 2, *KINDS[kind], *layout), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close(losses(out), losses(single[kind]))
+    before = checkpoint_weights(latest_checkpoint(base))
+    after = checkpoint_weights(latest_checkpoint(out), merge_adapters=False)
+    frozen = (
+        [n for n in before if n.startswith(("tok_embeddings.", "layers.0."))]
+        if kind == "freeze"
+        else list(before)
+    )
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in before) == (kind == "freeze")
