@@ -27,7 +27,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.torch_version import TorchVersion
 
-from lmforge.config import OptimConfig, ParallelConfig, TrainConfig
+from lmforge.adapt.freeze import trainable_counts
+from lmforge.config import LoraConfig, OptimConfig, ParallelConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.models import blocks, build_model, model_config
 from lmforge.ops.cross_entropy import cross_entropy
@@ -75,6 +76,8 @@ def bench(
     microbatches: int = 1,
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b",
     fsdp_reshard_after_forward: bool = True,
+    lora_rank: int = 0,
+    lora_targets: list[str] | None = None,
 ) -> dict:
     """Train on random tokens and report tokens_per_sec, mfu, peak_mem_gib, step_ms, warmup_s (the
     untimed steps, compilation included) and the last loss.
@@ -103,6 +106,8 @@ def bench(
         microbatches: Split each step's batch into this many micro-batches: gradient accumulation (plain, fsdp) or the pipeline schedule's micro-batches.
         pp_schedule: The schedule of layout pipeline: gpipe, 1f1b, or interleaved_1f1b (two stages on this process).
         fsdp_reshard_after_forward: Layout fsdp: free the gathered parameters after forward and gather them again in backward.
+        lora_rank: Train LoRA adapters of this rank instead of every weight (alpha 16, as fine-tuning's lora section); 0: all weights train.
+        lora_targets: The linear layers that get adapters (lora.targets; default: attention).
     """
     for flag, value, least in (("batch-size", batch_size, 1), ("seq-len", seq_len, 1), ("steps", steps, 1),
                                ("warmup", warmup, 0)):  # fmt: skip
@@ -134,6 +139,7 @@ def bench(
         "flops_per_token": meta.flops_per_token(seq_len),
     }
     loss_fn = next_token_loss(fused_loss)
+    lora_cfg = LoraConfig(rank=lora_rank, targets=lora_targets or ["attention"])
 
     def measure(mesh: DeviceMesh | None) -> dict:
         """Build, wrap and time; everything built here is freed on return, before the process
@@ -153,8 +159,9 @@ def bench(
         model_layout = ModelLayout(dp_mesh=mesh, data_parallel="fsdp") if layout == "fsdp" else ModelLayout()
         step = build_train_step(model_cfg, train_cfg, parallel_cfg, OptimConfig(name=optimizer), model_layout, dev,
                                 dtype, pp_mesh=mesh if layout == "pipeline" else None,
-                                pipeline_loss=cross_entropy)  # fmt: skip
-        measured: dict[str, Any] = {"wrapped": _describe(step.parts, step.pipe)}
+                                pipeline_loss=cross_entropy, lora=lora_cfg)  # fmt: skip
+        measured: dict[str, Any] = {"wrapped": _describe(step.parts, step.pipe),
+                                    "trainable": trainable_counts(step.parts)[0]}  # fmt: skip
         losses: list[torch.Tensor] = []
 
         def one_step() -> None:
@@ -200,6 +207,8 @@ def bench(
         "float8": float8,
         "activation_checkpointing": activation_checkpointing,
         "optimizer": optimizer,
+        "lora": f"rank {lora_rank} on {','.join(lora_cfg.targets)}" if lora_rank else None,
+        "trainable_params": measured["trainable"],
         "layout": layout if layout != "pipeline" else f"pipeline {pp_schedule}",
         "wrapped": measured["wrapped"],
         "microbatches": microbatches,

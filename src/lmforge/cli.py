@@ -73,6 +73,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     device: str = "auto",
+    chat: bool = False,
 ) -> None:
     """Stream text from a trained model (uses the KV cache).
 
@@ -85,6 +86,7 @@ def generate(
         top_p: Sample among the most likely tokens covering this probability.
         seed: Sampling seed (default: random).
         device: auto, cpu, cuda or cuda:N.
+        chat: The prompt is a user message: render it in the model's chat template (a model fine-tuned with data.task sft) and print the assistant's answer.
     """
     from lmforge.api import load_checkpoint
     from lmforge.infer.generate import check_sampling_args
@@ -99,7 +101,13 @@ def generate(
     dtype = run_precision(ckpt_dir, dev)
     eos_id = tokenizer.token_to_id("<|eos|>")
     prompt_ids = tokenizer.encode(prompt).ids
-    print(prompt, end="", flush=True)
+    if chat:
+        from lmforge.data.sft import CHAT_TOKENS, render
+
+        prompt_ids, _ = render([{"role": "user", "content": prompt}], tokenizer, generation_prompt=True)
+        eos_id = tokenizer.token_to_id(CHAT_TOKENS[1])  # the assistant's turn ends there
+    else:
+        print(prompt, end="", flush=True)
     ids: list[int] = []
     shown = ""
     for token_id in generate_ids(
@@ -437,14 +445,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+SWITCHES = ("--json", "--chat")  # boolean options that may be given alone
+
+
 def _normalize(argv: list[str]) -> list[str]:
     """Accept --max-new-tokens for --max_new_tokens (dotted config keys keep their spelling), and
-    `--json` alone for `--json=true`."""
+    a switch alone (`--json`) for `--json=true`."""
     out = []
     for index, arg in enumerate(argv):
         following = argv[index + 1] if index + 1 < len(argv) else None
-        if arg == "--json" and (following is None or following.lower() not in ("true", "false")):
-            arg = "--json=true"  # a switch: `plan --json` alone
+        if arg in SWITCHES and (following is None or following.lower() not in ("true", "false")):
+            arg = f"{arg}=true"  # a switch alone: `plan --json`, `generate --chat`
         if arg.startswith("--") and "." not in arg.split("=", 1)[0]:
             name, eq, value = arg.partition("=")
             arg = "--" + name[2:].replace("-", "_") + eq + value

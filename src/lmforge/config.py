@@ -65,6 +65,9 @@ class DataConfig:
         seq_len: Tokens per training window (the model's context length).
         num_workers: Tokenizer worker processes (default: all cores).
         loader_workers: Processes that read training batches ahead of the step (0: the training process reads them).
+        task: lm (language modelling on text: next-token for decoders) or sft (supervised fine-tuning on JSONL chat examples: loss on the assistant's tokens only; docs/finetune.md).
+        packing: sft: several examples per row, each attending only to itself (default); false: one example per row, padded.
+        malformed: sft: a malformed JSONL line is an error naming the file and line (error), or is skipped and counted (skip).
     """
 
     source: str = "stdlib"
@@ -75,6 +78,9 @@ class DataConfig:
     seq_len: int = 256
     num_workers: int | None = None
     loader_workers: int = 0
+    task: Literal["lm", "sft"] = "lm"
+    packing: bool = True
+    malformed: Literal["error", "skip"] = "error"
 
     def __post_init__(self) -> None:
         _require(

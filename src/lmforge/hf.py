@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lmforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
 from lmforge.data.errors import DataError
+from lmforge.data.sft import CHAT_TEMPLATE, CHAT_TOKENS, has_chat_template
 from lmforge.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids
 from lmforge.errors import CheckpointError
 from lmforge.models import FAMILIES, build_model, spec_of
@@ -51,7 +52,15 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
     # The dtype most weights have (a checkpoint's are all fp32 today).
     dtype = Counter(str(t.dtype).removeprefix("torch.") for t in weights.values()).most_common(1)[0][0]
     state = spec.hf.state_to_hf(weights, model.cfg)
-    ids = special_ids(load_tokenizer(ckpt_dir / "tokenizer.json"))
+    tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
+    ids = special_ids(tokenizer)
+    # A tokenizer with the chat tokens has lmforge's chat template (lmforge.data.sft): transformers'
+    # apply_chat_template renders the same text.
+    chat = (
+        {"chat_template": CHAT_TEMPLATE, "additional_special_tokens": list(CHAT_TOKENS)}
+        if has_chat_template(tokenizer)
+        else {}
+    )
     config = {
         "architectures": [spec.hf.architecture],
         "model_type": spec.hf.model_type,
@@ -77,6 +86,7 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
             **special,
             "model_max_length": model.cfg.max_seq_len,
             "clean_up_tokenization_spaces": False,
+            **chat,
         },
         "special_tokens_map.json": special,
     }

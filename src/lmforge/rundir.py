@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from lmforge.adapt.lora import apply_lora, merge_state
 from lmforge.config import DataConfig, LoraConfig, ModelConfig, load_config, one_line, to_dict
 from lmforge.data.prepare import load_manifest, prepare_data
+from lmforge.data.sft import prepare_sft
 from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import FamilyConfig, FamilyModel, build_model, family_spec, model_config, spec_of
@@ -67,6 +68,8 @@ def data_dir_for(cfg: DataConfig, run_dir: Path) -> Path:
 def ensure_data(cfg: DataConfig, run_dir: Path, seed: int) -> Path:
     """The prepared data directory of the run: reused when its manifest exists, else prepared."""
     data_dir = data_dir_for(cfg, run_dir)
+    if cfg.task == "sft":
+        return _ensure_sft_data(cfg, data_dir, seed)
     if (data_dir / "manifest.json").is_file():
         manifest = load_manifest(data_dir)
         if cfg.tokenizer is None and manifest["requested_vocab_size"] != cfg.vocab_size:
@@ -84,6 +87,28 @@ def ensure_data(cfg: DataConfig, run_dir: Path, seed: int) -> Path:
         num_workers=cfg.num_workers,
         tokenizer_path=cfg.tokenizer,
     )
+    return data_dir
+
+
+def _ensure_sft_data(cfg: DataConfig, data_dir: Path, seed: int) -> Path:
+    """An SFT data directory (lmforge.data.sft), prepared from cfg.source with cfg.tokenizer unless
+    it exists; one prepared for another tokenizer or task is refused."""
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        if cfg.tokenizer is None:
+            raise ConfigError(
+                "config key 'data.task' is sft: it needs data.tokenizer (lmforge finetune --init sets it)"
+            )
+        prepare_sft(cfg.source, data_dir, cfg.tokenizer, cfg.seq_len, cfg.val_fraction, seed, cfg.malformed)
+        return data_dir
+    try:
+        kind = json.loads(manifest_path.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "sft":
+        raise ConfigError(
+            f"data directory {data_dir} was not prepared for config key 'data.task' sft: use another data.dir"
+        )
     return data_dir
 
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from lmforge.ops.cross_entropy import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 
 
 def reference(hidden, weight, targets):
     return cross_entropy(hidden @ weight.t(), targets)
 
 
+@pytest.mark.parametrize("ignored", [False, True], ids=["every-target", "some-ignored"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 4096])
-def test_loss_and_gradients_match_the_plain_loss(chunk_size):
+def test_loss_and_gradients_match_the_plain_loss(chunk_size, ignored):
     torch.manual_seed(0)
     hidden = torch.randn(3, 21, 16, requires_grad=True)  # (B, T, D)
     weight = torch.randn(50, 16, requires_grad=True)  # (V, D)
     targets = torch.randint(0, 50, (3, 21))
+    if ignored:  # a prompt's positions, a padded tail: no loss, no gradient, not in the mean
+        targets[0, :9] = IGNORE_INDEX
+        targets[2, 15:] = IGNORE_INDEX
 
     want = reference(hidden, weight, targets)
     want_grads = torch.autograd.grad(2.5 * want, (hidden, weight))
@@ -128,3 +132,19 @@ def test_every_tensor_stays_on_the_inputs_device():
     loss.backward()
     assert hidden.grad.device.type == "meta" and weight.grad.device.type == "meta"
     assert weight.grad.dtype == torch.float32
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_state_the_same_one():
+    """Fine-tuning with a frozen head (LoRA, freeze.*): its (V, D) gradient is not computed at all."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16)  # requires_grad False
+    targets = torch.randint(0, 40, (2, 9))
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    (want,) = torch.autograd.grad(reference(hidden, weight, targets), hidden)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(
+            linear_cross_entropy(hidden, weight, targets), reference(hidden, weight, targets)
+        )

@@ -47,3 +47,18 @@ def trainable_counts(parts: nn.Module | list[nn.Module]) -> tuple[int, int]:
     weight counted once (DTensors by their whole size)."""
     params = [p for part in (parts if isinstance(parts, list) else [parts]) for p in part.parameters()]
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def state_bytes(parts: nn.Module | list[nn.Module], adam_moments: int = 2) -> dict[str, int]:
+    """Bytes of the parameters (all), their gradients and the optimizer's state (trainable ones
+    only: Adam/AdamW keep `adam_moments` tensors of a parameter's size and dtype), a tied weight
+    once. Exact arithmetic from the parameters' sizes, so it works on the meta device too; Adam's
+    0-d step counters (8 bytes each) are left out."""
+    params = {id(p): p for part in (parts if isinstance(parts, list) else [parts]) for p in part.parameters()}
+    trainable = [p for p in params.values() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    return {
+        "params": sum(p.numel() * p.element_size() for p in params.values()),
+        "grads": grads,
+        "optimizer": adam_moments * grads,
+    }

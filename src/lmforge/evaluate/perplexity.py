@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from torch import nn
 
-from lmforge.ops.cross_entropy import cross_entropy
+from lmforge.ops.cross_entropy import IGNORE_INDEX, cross_entropy
 from lmforge.runtime import autocast
 
 
@@ -23,7 +23,8 @@ def evaluate_loss(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """Mean next-token cross-entropy (nats/token) over `batches`, and its perplexity."""
+    """Mean next-token cross-entropy (nats/token) over `batches` (targets of IGNORE_INDEX left out),
+    and its perplexity."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -32,9 +33,10 @@ def evaluate_loss(
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, dtype):
             logits = model(inputs)
-        loss = cross_entropy(logits, targets) * targets.numel()  # the batch's summed loss
-        total_loss += loss.double()
-        total_tokens += targets.numel()
+        counted = int((targets != IGNORE_INDEX).sum())  # the targets that have a loss
+        if counted:
+            total_loss += (cross_entropy(logits, targets) * counted).double()  # the batch's summed loss
+        total_tokens += counted
     model.train(was_training)
     if total_tokens == 0:
         raise ValueError("no validation batches")

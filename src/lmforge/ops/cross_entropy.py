@@ -19,47 +19,65 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# A target of IGNORE_INDEX has no loss and no gradient (PyTorch's and Hugging Face's convention):
+# the prompt of a supervised fine-tuning example, padding, the unmasked positions of masked LM.
+IGNORE_INDEX = -100
+
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token loss. logits (B, T, V) any float dtype, targets (B, T) int64 -> () fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """Mean next-token loss over the targets that are not IGNORE_INDEX. logits (B, T, V) any float
+    dtype, targets (B, T) int64 -> () fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-        # hidden (N, D) in the compute dtype, weight (V, D), targets (N,) int64
+        # hidden (N, D) in the compute dtype, weight (V, D), targets (N,) int64 (IGNORE_INDEX: no loss)
         n_tokens = hidden.shape[0]
         compute_dtype = hidden.dtype
+        # Only the gradients autograd will ask for are computed: a frozen head (fine-tuning with
+        # LoRA or freeze.*) skips its (V, D) weight gradient, a no_grad evaluation both.
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         weight_c = weight.to(compute_dtype)  # (V, D): a no-op unless autocast runs in bf16/fp16
-        grad_hidden = torch.empty_like(hidden)  # (N, D)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (N, D)
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        )  # (V, D)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        counted = targets != IGNORE_INDEX  # (N,) the positions that have a loss
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start : start + chunk_size]  # (C, D)
-            t = targets[start : start + chunk_size]  # (C,)
+            keep = counted[start : start + chunk_size]  # (C,)
+            t = targets[start : start + chunk_size].clamp(min=0)  # (C,) ignored rows: any index, zeroed below
             logits = (h @ weight_c.t()).float()  # (C, V) fp32: the only logits ever held
             lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            # d(sum of losses)/d logits = softmax - one_hot(target), computed in place
+            loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * keep).sum()
+            if not (want_hidden or want_weight):
+                continue
+            # d(sum of losses)/d logits = softmax - one_hot(target), computed in place; an ignored
+            # row's gradient is zeroed on the D-wide side (h, and grad_hidden), never V-wide.
             grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax
             grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
             grad_logits = grad_logits.to(compute_dtype)
-            grad_hidden[start : start + chunk_size] = grad_logits @ weight_c  # (C, D)
-            grad_weight += (grad_logits.t() @ h).float()  # (V, D)
-        scale = 1.0 / n_tokens
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.scale = scale
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_size] = (grad_logits @ weight_c) * keep[:, None]  # (C, D)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ (h * keep[:, None])).float()  # (V, D)
+        # the mean over the counted positions (no host sync: the count stays on the device)
+        scale = 1.0 / counted.sum().to(torch.float32)
+        ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
         return loss * scale
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        factor = grad_loss * ctx.scale  # () fp32
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        factor = grad_loss * scale  # () fp32
         # grad_hidden * factor, not * factor.to(bf16): the product is taken in fp32 and rounded once
         # (a bf16 1/N would scale every element by up to 2^-9 too much or too little)
-        return (grad_hidden * factor, (grad_weight * factor).to(ctx.weight_dtype),
+        return (grad_hidden * factor if grad_hidden is not None else None,
+                (grad_weight * factor).to(ctx.weight_dtype) if grad_weight is not None else None,
                 None, None)  # fmt: skip
 
 
@@ -70,7 +88,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     """Mean next-token loss of `hidden @ weight.T` without materialising the logits.
 
     hidden (B, T, D) or (N, D), weight (V, D) the output head, targets (B, T) or (N,) int64 in
-    [0, V). Returns () fp32; gradients flow to hidden and weight (a tied head's gradient reaches
+    [0, V) or IGNORE_INDEX (no loss there; the mean is over the others). Returns () fp32; gradients flow to hidden and weight (a tied head's gradient reaches
     the embedding through the shared parameter).
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

@@ -61,9 +61,7 @@ class BatchLog:
         tmp.replace(path)
         self.file = open(path, "a")  # noqa: SIM115 - open for the whole run
 
-    def record(
-        self, step: int, batch: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def record(self, step: int, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Log the batch (host tensors, before they move to the device) and return it."""
         if self.file is not None:
             samples = [hashlib.sha256(row.numpy().tobytes()).hexdigest()[:16] for row in batch[0]]

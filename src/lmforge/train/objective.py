@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -40,16 +40,19 @@ if TYPE_CHECKING:
     from lmforge.train.step import TrainStep
 
 Batch = tuple[Tensor, Tensor]  # (inputs, targets), each (B, T) for the language-model objectives
-LossFn = Callable[[nn.Module, Batch], Tensor]
+# What the step feeds a loss: (inputs, targets) and whatever else an objective adds after them
+# (SFT's packed rows: doc_ids), which only its own loss reads.
+AnyBatch = tuple[Tensor, ...]
+LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 class Objective(Protocol):
     @property
     def pipeline_loss(self) -> Callable[[Tensor, Tensor], Tensor] | None: ...
 
-    def next_batch(self) -> Batch: ...
+    def next_batch(self) -> AnyBatch: ...
 
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor: ...
+    def loss(self, model: nn.Module, batch: Any) -> Tensor: ...
 
     def evaluate(self, step: TrainStep) -> dict: ...
 

@@ -17,9 +17,10 @@ import torch
 
 from lmforge.adapt.freeze import trainable_counts
 from lmforge.adapt.lora import is_adapter
-from lmforge.config import DataConfig, ModelConfig, RunConfig, load_config, save_config, to_dict
+from lmforge.config import RunConfig, save_config
 from lmforge.data.loader import BatchLoader, val_batches
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.sft import SFTLoader, val_rows
+from lmforge.data.tokenizer import load_tokenizer, special_ids
 from lmforge.errors import ConfigError
 from lmforge.models import FamilyConfig, build_model
 from lmforge.parallel.apply import layout_of, validate_layout
@@ -36,7 +37,6 @@ from lmforge.rundir import (
     data_dir_for,
     ensure_data,
     load_model_weights,
-    resolve_checkpoint,
     run_model_config,
     sha256_file,
 )
@@ -49,12 +49,14 @@ from lmforge.runtime import (
     resolve_precision,
 )
 from lmforge.train.distributed import on_rank0, process_group, rank
+from lmforge.train.finetune import adopt_init
 from lmforge.train.float8 import check_float8_device
 from lmforge.train.guards import NonFiniteGuard, StopSignal
 from lmforge.train.loop import TrainingRun, resolve_check_every, restore, train
 from lmforge.train.metrics import BatchLog, MetricsLogger
 from lmforge.train.objective import CausalLM
 from lmforge.train.resume import Resume, mark_job, start_checkpoint
+from lmforge.train.sft import SupervisedFineTuning
 from lmforge.train.step import build_train_step
 from lmforge.train.transforms import compile_enabled
 
@@ -92,7 +94,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
             stop_signal: StopSignal, objective_cls: type[CausalLM], opened: ExitStack) -> TrainingRun:  # fmt: skip
     init_dir = None
     if cfg.train.init is not None:
-        cfg, init_dir = adopt_init(cfg)
+        cfg, init_dir = adopt_init(cfg, run_dir)
     ckpt_dir = start_checkpoint(run_dir, cfg, resume)
     if cfg.train.float8:  # before any data is prepared
         check_float8_device(device)
@@ -112,6 +114,8 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         )
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
+    if cfg.data.task == "sft":
+        objective_cls = SupervisedFineTuning  # type: ignore[assignment]  # the same interface (Objective)
     fused_loss = check_layout(cfg, model_cfg, dims, accum_steps, device, objective_cls)
     mesh = build_mesh(dims, device) if dims.distributed else None
 
@@ -126,14 +130,25 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         # Fine-tuning: the base weights replace the seeded ones (adapters keep their init), in any layout.
         load_model_weights(step.parts, init_dir / "model", exclude=is_adapter)
     data_dir = data_dir_for(cfg.data, run_dir)
-    loader = BatchLoader(data_dir, "train", cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed,
-                         dp_rank(mesh, dims) if mesh is not None else 0, dims.dp,
-                         pin_memory=device.type == "cuda", num_workers=cfg.data.loader_workers)  # fmt: skip
-    opened.callback(loader.close)
-    # Under pp a validation batch is split into the schedule's micro-batches like a training batch.
-    val_batch = cfg.train.micro_batch_size * (accum_steps if dims.pp > 1 else 1)
-    val_data = val_batches(data_dir, val_batch, cfg.data.seq_len, cfg.train.eval_batches)
-    objective = objective_cls(loader, val_data, fused_loss, tokenizer, cfg.train.sample_tokens)
+    data_rank = dp_rank(mesh, dims) if mesh is not None else 0
+    objective: CausalLM | SupervisedFineTuning
+    if cfg.data.task == "sft":
+        pad_id = special_ids(tokenizer)["pad"]
+        sft_loader = SFTLoader(data_dir, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed, data_rank,
+                               dims.dp, cfg.data.packing, pad_id)  # fmt: skip
+        val_rows_ = val_rows(data_dir, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.eval_batches,
+                             cfg.data.packing, pad_id)  # fmt: skip
+        objective = SupervisedFineTuning(sft_loader, val_rows_, fused_loss, cfg.data.packing, tokenizer,
+                                         cfg.train.sample_tokens)  # fmt: skip
+    else:
+        loader = BatchLoader(data_dir, "train", cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed,
+                             data_rank, dims.dp, pin_memory=device.type == "cuda",
+                             num_workers=cfg.data.loader_workers)  # fmt: skip
+        opened.callback(loader.close)
+        # Under pp a validation batch is split into the schedule's micro-batches like a training batch.
+        val_batch = cfg.train.micro_batch_size * (accum_steps if dims.pp > 1 else 1)
+        val_data = val_batches(data_dir, val_batch, cfg.data.seq_len, cfg.train.eval_batches)
+        objective = objective_cls(loader, val_data, fused_loss, tokenizer, cfg.train.sample_tokens)
     opened.callback(objective.close)
 
     guard = NonFiniteGuard(cfg.train)
@@ -165,35 +180,6 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         flops_per_token=meta.flops_per_token(cfg.data.seq_len),
         peak_flops=peak * dims.world_size if peak else None, check_every=resolve_check_every(cfg, step),
     )  # fmt: skip
-
-
-def adopt_init(cfg: RunConfig) -> tuple[RunConfig, Path]:
-    """Fine-tuning from `train.init` (a run or checkpoint directory): `cfg` with the init's model
-    section, tokenizer and (unless the config sets another) context length, and the checkpoint.
-    A model section or tokenizer of the config's own that differs from the init's is refused."""
-    assert cfg.train.init is not None
-    init_dir = resolve_checkpoint(cfg.train.init).resolve()  # absolute: resumable from anywhere
-    init_cfg = load_config(init_dir / "config.yaml")
-    if init_cfg.lora.rank:
-        raise ConfigError(
-            f"config key 'train.init': {init_dir} is a LoRA run (its adapters are apart from its weights): "
-            "fine-tune its base, or export it merged with `lmforge export` and import that"
-        )
-    if cfg.model not in (ModelConfig(), init_cfg.model):
-        raise ConfigError(
-            f"config section 'model' ({to_dict(cfg)['model']}) differs from that of config key 'train.init' "
-            f"{init_dir} ({to_dict(init_cfg)['model']}): fine-tuning keeps the model; leave the section out"
-        )
-    tokenizer = str(init_dir / "tokenizer.json")
-    if cfg.data.tokenizer not in (None, tokenizer):
-        raise ConfigError(
-            f"config key 'data.tokenizer' ({cfg.data.tokenizer}) differs from the tokenizer of config key "
-            f"'train.init' ({tokenizer}): fine-tuning keeps the model's tokenizer"
-        )
-    seq_len = init_cfg.data.seq_len if cfg.data.seq_len == DataConfig().seq_len else cfg.data.seq_len
-    cfg = replace(cfg, model=init_cfg.model, data=replace(cfg.data, tokenizer=tokenizer, seq_len=seq_len),
-                  train=replace(cfg.train, init=str(init_dir)))  # fmt: skip
-    return cfg, init_dir
 
 
 def batch_geometry(cfg: RunConfig, dims: ParallelDims) -> tuple[int, int]:
@@ -229,6 +215,10 @@ def check_layout(cfg: RunConfig, model_cfg: FamilyConfig, dims: ParallelDims, ac
     if dims.distributed:
         validate_layout(
             model_cfg, dims, cfg.parallel, cfg.data.seq_len, cfg.train.micro_batch_size * accum_steps
+        )
+    if cfg.data.task == "sft" and cfg.data.packing and dims.tp > 1:
+        raise ConfigError(
+            f"config key 'data.packing' is not supported with parallel.tp={dims.tp} yet: set it false"
         )
     if cfg.lora.rank and dims.pp > 1:
         raise ConfigError(f"config key 'lora.rank': LoRA is not supported with parallel.pp={dims.pp} yet")

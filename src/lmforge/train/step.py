@@ -9,7 +9,7 @@ stay on the device until the loop logs them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from lmforge.parallel.apply import ModelLayout, gradient_sync
 from lmforge.parallel.tensor import reduce_partial_grads
 from lmforge.runtime import autocast
 from lmforge.train.guards import skip_on_device
-from lmforge.train.objective import Batch, LossFn
+from lmforge.train.objective import AnyBatch, LossFn
 from lmforge.train.optim import build_optimizer
 from lmforge.train.pipeline_step import PipelineStep
 from lmforge.train.transforms import apply_transforms, compile_enabled
@@ -75,7 +75,9 @@ class TrainStep:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-    def forward_backward(self, batches: list[Batch], loss_fn: LossFn, step: int) -> tuple[Tensor, Tensor]:
+    def forward_backward(
+        self, batches: Sequence[AnyBatch], loss_fn: LossFn, step: int
+    ) -> tuple[Tensor, Tensor]:
         """Forward and backward over this rank's micro-batches of optimizer step `step`, then clip;
         returns (the mean loss of the batches, the global gradient norm before clipping), both on
         the device. The gradients are ready for `update`. loss_fn(train_module, batch): a
@@ -94,15 +96,15 @@ class TrainStep:
         # The full value of a DTensor norm (FSDP/TP), once per step: the guards and the logging read it.
         return loss_sum, grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
 
-    def _accumulate(self, batches: list[Batch], loss_fn: LossFn, step: int) -> tuple[Tensor, Tensor]:
+    def _accumulate(self, batches: Sequence[AnyBatch], loss_fn: LossFn, step: int) -> tuple[Tensor, Tensor]:
         assert self.model is not None and self.train_module is not None
         loss_sum = torch.zeros((), device=self.device)
         for micro_step, batch in enumerate(batches):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+            on_device = tuple(t.to(self.device, non_blocking=True) for t in batch)  # (inputs, targets[, ...])
             # Data-parallel gradients are reduced once, in the last micro-batch's backward.
             with gradient_sync(self.train_module, enabled=micro_step == len(batches) - 1):
                 with autocast(self.device, self.dtype):
-                    loss = loss_fn(self.train_module, (inputs, targets)) / len(batches)
+                    loss = loss_fn(self.train_module, on_device) / len(batches)
                 if fault("train.loss", step):
                     loss = loss * float("nan")
                 self.scaler.scale(loss).backward()

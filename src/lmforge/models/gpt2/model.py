@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.kv_cache import KVCache
+from lmforge.models.packing import document_mask, document_positions
 from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,8 +91,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: KVCache | None = None  # set by GPT2.setup_kv_cache for generation
 
-    def forward(self, x: Tensor, input_pos: Tensor | None) -> Tensor:
-        B, T, _ = x.shape  # x: (B, T, dim)
+    def forward(self, x: Tensor, input_pos: Tensor | None, attn_mask: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape  # x: (B, T, dim); attn_mask: (B, 1, T, T) bool for packed documents, or None
         # -1 heads: on a tensor-parallel shard c_attn yields only this rank's (whole) heads.
         qkv = self.c_attn(x).view(B, T, -1, 3, self.head_dim)  # (B, T, n_heads, 3, head_dim)
         q, k, v = qkv.transpose(1, 2).unbind(3)  # 3 x (B, n_heads, T, head_dim)
@@ -99,7 +100,10 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is None:
             # Training / full-sequence path: is_causal lets PyTorch pick flash attention on GPU.
             dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            if attn_mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:  # packed documents: causal within each (lmforge.models.packing)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         else:
             # Generation path: the queries sit at absolute positions input_pos and attend over the
             # whole preallocated cache; the mask hides future and not-yet-written slots.
@@ -153,9 +157,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor | None, attn_mask: Tensor | None = None) -> Tensor:
         # x: (B, T, dim) -> (B, T, dim)
-        x = x + self.attn(self.ln_1(x), input_pos)
+        x = x + self.attn(self.ln_1(x), input_pos, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
     def init_weights(self, out_std: float) -> None:
@@ -218,7 +222,10 @@ class GPT2(nn.Module):
             block.init_weights(out_std)
         self.ln_f.reset_parameters()
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the compute dtype.
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
@@ -226,6 +233,10 @@ class GPT2(nn.Module):
 
         targets: (B, T) int64 next tokens: return the mean cross-entropy (() fp32) instead of the
         logits, computed chunk by chunk without materialising them (lmforge.ops.cross_entropy).
+
+        doc_ids: (B, T) the document of each position, for rows that pack several documents: positions
+        restart at each document and attention stays inside it (lmforge.models.packing). Not with a
+        KV cache.
 
         A pipeline stage (lmforge.parallel.pipeline) has wte and wpe, or ln_f and lm_head, set to
         None where another stage runs them: without wte idx is the previous stage's hidden state
@@ -236,13 +247,16 @@ class GPT2(nn.Module):
             raise ValueError(
                 f"sequence length {seq_len} exceeds GPT2Config.max_seq_len={self.cfg.max_seq_len}"
             )
+        mask = document_mask(doc_ids) if doc_ids is not None else None  # (B, 1, T, T)
         if self.wte is not None:
             positions = torch.arange(seq_len, device=idx.device) if input_pos is None else input_pos  # (T,)
-            x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, dim) + (T, dim) -> (B, T, dim)
+            if doc_ids is not None:
+                positions = document_positions(doc_ids)  # (B, T)
+            x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, dim) + ([B,] T, dim) -> (B, T, dim)
         else:
             x = idx  # (B, T, dim)
         for block in self.h.values():
-            x = block(x, input_pos)  # (B, T, dim)
+            x = block(x, input_pos) if mask is None else block(x, input_pos, mask)  # (B, T, dim)
         x = self.ln_f(x) if self.ln_f is not None else x
         if targets is not None:  # (B, T) -> the mean loss, without (B, T, vocab_size) logits
             return linear_cross_entropy(x, self.lm_head.weight, targets)

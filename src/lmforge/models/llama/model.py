@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.kv_cache import KVCache
+from lmforge.models.packing import document_mask, document_positions
 from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,11 +127,15 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.dev
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its position's angle.
 
-    x: (B, T, n_heads, head_dim); cos, sin: (T, head_dim // 2) fp32. Returns x's shape and dtype.
+    x: (B, T, n_heads, head_dim); cos, sin: (T, head_dim // 2), or (B, T, head_dim // 2) when each
+    row has its own positions (packed documents), fp32. Returns x's shape and dtype.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, n_heads, head_dim // 2, 2)
     x_even, x_odd = pairs[..., 0], pairs[..., 1]  # (B, T, n_heads, head_dim // 2) each
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, head_dim // 2)
+    if cos.ndim == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, head_dim // 2)
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, head_dim // 2)
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)  # (B, T, n_heads, head_dim)
 
@@ -174,8 +179,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.kv_cache: KVCache | None = None  # set by Llama.setup_kv_cache for generation
 
-    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, input_pos: Tensor | None) -> Tensor:
-        B, T, _ = x.shape  # x: (B, T, dim)
+    def forward(
+        self,
+        x: Tensor,
+        rope_cos: Tensor,
+        rope_sin: Tensor,
+        input_pos: Tensor | None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        B, T, _ = x.shape  # x: (B, T, dim); attn_mask: (B, 1, T, T) bool for packed documents, or None
         q, k, v = self.project_qkv(x)  # (B, T, n_heads * head_dim), (B, T, n_kv_heads * head_dim) x 2
         q = q.view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
@@ -188,7 +200,10 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             # Training / full-sequence path: is_causal lets PyTorch pick flash attention on GPU.
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, T, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if attn_mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # packed documents: causal within each (lmforge.models.packing)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             # Generation path: the queries sit at absolute positions input_pos and attend over the
             # whole preallocated cache; the mask hides future and not-yet-written slots.
@@ -257,9 +272,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor, input_pos: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope_cos: Tensor,
+        rope_sin: Tensor,
+        input_pos: Tensor | None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
         # x: (B, T, dim) -> (B, T, dim)
-        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, input_pos)
+        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, input_pos, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, out_std: float) -> None:
@@ -332,7 +354,10 @@ class Llama(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the compute dtype.
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
@@ -340,6 +365,10 @@ class Llama(nn.Module):
 
         targets: (B, T) int64 next tokens: return the mean cross-entropy (() fp32) instead of the
         logits, computed chunk by chunk without materialising them (lmforge.ops.cross_entropy).
+
+        doc_ids: (B, T) the document of each position, for rows that pack several documents: positions
+        restart at each document and attention stays inside it (lmforge.models.packing). Not with a
+        KV cache.
 
         A pipeline stage (lmforge.parallel.pipeline) has tok_embeddings, norm and output set to None
         where another stage runs them: without tok_embeddings idx is the previous stage's hidden
@@ -351,10 +380,17 @@ class Llama(nn.Module):
                 f"sequence length {seq_len} exceeds LlamaConfig.max_seq_len={self.cfg.max_seq_len}"
             )
         positions = torch.arange(seq_len, device=idx.device) if input_pos is None else input_pos  # (T,)
-        rope_cos, rope_sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, head_dim // 2)
+        mask = None
+        if doc_ids is not None:
+            positions, mask = document_positions(doc_ids), document_mask(doc_ids)  # (B, T), (B, 1, T, T)
+        rope_cos, rope_sin = self.rope_cos[positions], self.rope_sin[positions]  # ([B,] T, head_dim // 2)
         h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, dim)
         for layer in self.layers.values():
-            h = layer(h, rope_cos, rope_sin, input_pos)  # (B, T, dim)
+            h = (
+                layer(h, rope_cos, rope_sin, input_pos)
+                if mask is None
+                else layer(h, rope_cos, rope_sin, input_pos, mask)
+            )
         h = self.norm(h) if self.norm is not None else h
         if targets is not None:  # (B, T) -> the mean loss, without (B, T, vocab_size) logits
             return linear_cross_entropy(h, self.output.weight, targets)
