@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from lmforge.adapt.lora import merge_lora
 from lmforge.data.errors import DataError
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.models import FamilyModel
+from lmforge.models import FamilyModel, spec_of
 from lmforge.rundir import load_model_weights, meta_model, resolve_checkpoint
 
 
@@ -85,6 +85,16 @@ def evaluate_text(
             )
             batches.append((windows[:, :-1].contiguous(), windows[:, 1:].contiguous()))  # (B, T) each
     dtype = run_precision(ckpt_dir, dev)
+    if spec_of(model).encoder:  # masked LM on the text: loss and accuracy at the masked positions
+        from lmforge.config import load_config
+        from lmforge.data.mlm import Masker
+        from lmforge.evaluate.mlm import evaluate_masked_lm
+
+        masker = Masker(tokenizer, load_config(ckpt_dir / "config.yaml").train.seed)
+        masked = evaluate_masked_lm(model, masker.batches(batches), dev, dtype)
+        return {"checkpoint": str(ckpt_dir), "source": source, "loss": masked["val_loss"], "ppl": masked["val_ppl"],
+                "accuracy": masked["val_accuracy"], "masked": masked["val_masked"], "windows": n_windows,
+                "seq_len": seq_len, "dtype": PRECISION_NAMES[dtype]}  # fmt: skip
     result = evaluate_loss(model, batches, dev, dtype)
     loss = result["val_loss"]
     return {

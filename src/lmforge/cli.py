@@ -91,6 +91,7 @@ def generate(
     from lmforge.api import load_checkpoint
     from lmforge.infer.generate import check_sampling_args
     from lmforge.infer.generate import generate as generate_ids
+    from lmforge.models import spec_of
     from lmforge.rundir import resolve_checkpoint, run_precision
     from lmforge.runtime import resolve_device
 
@@ -98,6 +99,10 @@ def generate(
     dev = resolve_device(device)
     ckpt_dir = resolve_checkpoint(run)
     model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
+    if spec_of(model).encoder:
+        raise ConfigError(
+            f"{run} is an encoder (model family {spec_of(model).name}): it does not generate text"
+        )
     dtype = run_precision(ckpt_dir, dev)
     eos_id = tokenizer.token_to_id("<|eos|>")
     prompt_ids = tokenizer.encode(prompt).ids
@@ -145,7 +150,10 @@ def evaluate(
     from lmforge.api import evaluate_text, load_checkpoint
     from lmforge.config import load_config
     from lmforge.data.loader import val_batches
+    from lmforge.data.mlm import Masker
+    from lmforge.evaluate.mlm import evaluate_masked_lm
     from lmforge.evaluate.perplexity import bits_per_byte, evaluate_loss, token_byte_lengths
+    from lmforge.models import spec_of
     from lmforge.rundir import data_dir_for, resolve_checkpoint, run_precision
     from lmforge.runtime import PRECISION_NAMES, resolve_device
 
@@ -159,6 +167,10 @@ def evaluate(
     model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
     val = val_batches(data_dir, batch_size, cfg.data.seq_len, batches)
     dtype = run_precision(ckpt_dir, dev)  # the run's precision
+    if spec_of(model).encoder:  # masked LM: the loss and top-1 accuracy at the masked positions
+        masked = evaluate_masked_lm(model, Masker(tokenizer, cfg.train.seed).batches(val), dev, dtype)
+        print(json.dumps({"checkpoint": str(ckpt_dir), **masked, "dtype": PRECISION_NAMES[dtype]}))
+        return
     result = evaluate_loss(model, val, dev, dtype)
     bpb = bits_per_byte(result["val_loss"], (t for _, t in val), token_byte_lengths(tokenizer))
     print(json.dumps({"checkpoint": str(ckpt_dir), **result, "val_bits_per_byte": bpb,

@@ -68,3 +68,16 @@ def test_fine_tuning_matches_one_process(kind, layout, prepared_dir, base, singl
     )
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
     assert any(not torch.equal(before[n], after[n]) for n in before) == (kind == "freeze")
+
+
+def test_masked_lm_under_fsdp_matches_one_process(prepared_dir, tmp_path):
+    """The encoder's masked-LM pretraining: masks are drawn per global row, so 2 ranks of 4 rows
+    train on exactly the batches one process of 8 does."""
+    bert = ["--model.family=bert", "--model.flavor=debug", "--train.max_steps=6"]
+    one = tmp_path / "one"
+    result = launch(1, common_args(prepared_dir, one, 1, *bert), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    result = launch(2, common_args(prepared_dir, two, 2, *bert), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close(losses(two), losses(one))

@@ -52,6 +52,7 @@ CONFIGS = {
     "llama-tiny-qk-norm": ("llama", "tiny", {"qk_norm": True}),
     "gpt2-debug": ("gpt2", "debug", {}),
     "gpt2-tiny": ("gpt2", "tiny", {}),
+    "bert-debug": ("bert", "debug", {}),
 }
 
 
@@ -72,7 +73,7 @@ def test_predicted_activation_bytes_equal_what_autograd_saves(name, precision, m
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_the_plain_loss_too(family, precision):
     """With tp or pp > 1, lmforge computes the loss from the logits (no fused loss)."""
     cfg = model_config(family, "debug")

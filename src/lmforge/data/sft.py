@@ -1,6 +1,7 @@
 """Supervised fine-tuning data: chat examples, a chat template, a loss mask, packed or padded rows.
 
-Input: JSONL files, one example per line, either `{"prompt": ..., "response": ...}` (a user turn
+Input: JSONL files (a file, directory or glob), or the built-in `stdlib-docstrings` task
+(lmforge.data.builtin); one example per line, either `{"prompt": ..., "response": ...}` (a user turn
 and the assistant's answer) or `{"messages": [{"role": "system"|"user"|"assistant", "content": ...},
 ...]}`. A malformed line is an error naming the file and line (`data.malformed: error`), or is
 skipped and counted (`skip`); nothing is dropped without a count.
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer
 
+from lmforge.data.builtin import STDLIB_DOCSTRINGS, docstring_examples
 from lmforge.data.errors import DataError
 from lmforge.data.prepare import _val_score
 from lmforge.data.sources import list_files
@@ -136,6 +138,8 @@ def read_examples(
 ) -> tuple[list[tuple[str, Messages]], list[str]]:
     """(origin "file:line", messages) of every example of the JSONL files of `source`, and the
     skipped lines' reasons (malformed="skip"; with "error" the first one raises DataError)."""
+    if source == STDLIB_DOCSTRINGS:  # the built-in task (lmforge.data.builtin)
+        return docstring_examples(), []
     files = [p for p in list_files(source) if p.suffix == ".jsonl"]
     if not files:
         raise DataError(f"SFT data source {source} has no .jsonl file")

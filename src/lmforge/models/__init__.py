@@ -14,7 +14,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from lmforge.models import gpt2, llama
+from lmforge.models import bert, gpt2, llama
+from lmforge.models.bert.model import Bert, BertConfig
 from lmforge.models.gpt2.flavors import FLAVORS as GPT2_FLAVORS
 from lmforge.models.gpt2.model import GPT2, GPT2Config
 from lmforge.models.kv_cache import KVCache
@@ -25,14 +26,15 @@ from lmforge.models.spec import FamilySpec
 FAMILIES: dict[str, FamilySpec] = {
     "llama": llama.SPEC,
     "gpt2": gpt2.SPEC,
+    "bert": bert.SPEC,
 }
 
 # The config of any family, for type hints (a type checker needs the classes spelled out; a test
 # checks that they are those of FAMILIES). Not lmforge.config.ModelConfig, the run config's section.
-FamilyConfig = LlamaConfig | GPT2Config
+FamilyConfig = LlamaConfig | GPT2Config | BertConfig
 # The model of any family, for type hints (spelled out and checked against FAMILIES the same way).
 # A pipeline stage is one too: a pruned copy of the model, of the same class.
-FamilyModel = Llama | GPT2
+FamilyModel = Llama | GPT2 | Bert
 
 
 def family_spec(name: str) -> FamilySpec:

@@ -82,6 +82,8 @@ class SavedBytes:
     final_fixed: int
     block_positions: int
     first_positions: int
+    first_norm: int = 0  # per token on the first stage: an embedding norm (the encoder's)
+    loss_hidden: int | None = None  # per token: the hidden state the loss takes, if not the stream's dtype
 
 
 @dataclass(frozen=True)
@@ -129,3 +131,6 @@ class FamilySpec:
     hf: HuggingFaceMap | None = None  # the Hugging Face transformers round trip (lmforge.hf)
     # LoRA's target groups (lora.targets: attention, mlp) -> block-relative linear layer names
     lora_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # An encoder (bidirectional attention, a masked-LM head): pretrained with the masked-LM objective,
+    # classified from its first token, never generating; data-parallel layouts only (no TP or PP yet).
+    encoder: bool = False

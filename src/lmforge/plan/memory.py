@@ -165,11 +165,14 @@ def activation_bytes(
     n_kept = len(blocks) - n_checkpointed
     saved_blocks = n_kept * per_block + n_checkpointed * tokens * stream // sp
     if first:
-        other += 8 * tokens  # the token ids, kept by the embedding
+        other += 8 * tokens + tokens * saved.first_norm // sp  # the token ids (and an embedding norm)
     if last:
         other += tokens * saved.final_norm // sp + saved.final_fixed
         if fused_loss:
-            other += tokens * stream + 4 * V * D  # the gradients of the hidden state and the head
+            hidden = stream if saved.loss_hidden is None else saved.loss_hidden
+            other += (
+                tokens * hidden + 4 * V * D + 4
+            )  # the gradients of the hidden state and the head, 1 / count
         else:
             # the head's input, the fp32 log-softmax, the targets (int64) and nll_loss's total weight
             other += tokens * (c * D + 4 * math.ceil(V / tp) * tp + 8) + 4

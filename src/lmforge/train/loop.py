@@ -80,7 +80,7 @@ def train(run: TrainingRun) -> dict:
         lr = lr_at(p.step, cfg.schedule, cfg.optim.lr, cfg.schedule_steps) * run.guard.lr_scale
         step_fn.set_lr(lr)
         batches = [run.batch_log.record(p.step + 1, objective.next_batch()) for _ in range(run.accum_steps)]
-        loss, grad_norm = step_fn.forward_backward(batches, objective.loss, p.step + 1)
+        loss, grad_norm = step_fn.forward_backward(batches, objective.loss, p.step + 1, objective.by_targets)
         # With fp16 the GradScaler skips overflowing steps itself; a non-finite loss is ours to handle.
         stop_requested = run.stop_signal.requested is not None
         p.pending.append(step_flags(loss, grad_norm, stop_requested, not step_fn.scaler.is_enabled()))

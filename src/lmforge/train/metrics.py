@@ -140,8 +140,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.write(record)
+        # An objective's own metrics (accuracy, F1, ...) follow the loss.
+        extra = "".join(f"  {k} {v:.4f}" for k, v in record.items() if k.startswith("val_") and k not in
+                        ("val_loss", "val_ppl") and isinstance(v, float))  # fmt: skip
         self.print(
-            f"step {record['step']}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
+            f"step {record['step']}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}{extra}"
         )
 
     def print(self, text: str) -> None:

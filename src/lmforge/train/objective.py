@@ -11,6 +11,8 @@ objective supplies the rest:
                             when the objective cannot run under parallel.pp > 1
     evaluate(step)          validation metrics, {"val_loss", "val_ppl", ...}, the same on every rank
     samples(step, at_step)  lines to show after an evaluation (generated text; [] for none)
+    by_targets              True when micro-batches hold different numbers of targets (the step
+                            then weighs each by its share of the step's targets on all ranks)
     state_dict()            what it saves in a checkpoint (JSON: its data position) ...
     load_state_dict(state)  ... and restores on resume
     close()
@@ -47,6 +49,9 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 class Objective(Protocol):
+    # Whether micro-batches hold different numbers of targets (TrainStep.forward_backward's by_targets)
+    by_targets: bool
+
     @property
     def pipeline_loss(self) -> Callable[[Tensor, Tensor], Tensor] | None: ...
 
@@ -82,6 +87,7 @@ class CausalLM:
     """Next-token prediction on a prepared corpus: pretraining's objective."""
 
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = staticmethod(cross_entropy)
+    by_targets = False  # every window has seq_len targets
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         # A subclass that changes the loss but not the pipeline's would train next-token

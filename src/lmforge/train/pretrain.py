@@ -19,10 +19,11 @@ from lmforge.adapt.freeze import trainable_counts
 from lmforge.adapt.lora import is_adapter
 from lmforge.config import RunConfig, save_config
 from lmforge.data.loader import BatchLoader, val_batches
+from lmforge.data.mlm import Masker, add_mask_token
 from lmforge.data.sft import SFTLoader, val_rows
-from lmforge.data.tokenizer import load_tokenizer, special_ids
+from lmforge.data.tokenizer import load_tokenizer, save_tokenizer, special_ids
 from lmforge.errors import ConfigError
-from lmforge.models import FamilyConfig, build_model
+from lmforge.models import FamilyConfig, build_model, family_spec
 from lmforge.parallel.apply import layout_of, validate_layout
 from lmforge.parallel.mesh import (
     ParallelDims,
@@ -54,6 +55,7 @@ from lmforge.train.float8 import check_float8_device
 from lmforge.train.guards import NonFiniteGuard, StopSignal
 from lmforge.train.loop import TrainingRun, resolve_check_every, restore, train
 from lmforge.train.metrics import BatchLog, MetricsLogger
+from lmforge.train.mlm import MaskedLM
 from lmforge.train.objective import CausalLM
 from lmforge.train.resume import Resume, mark_job, start_checkpoint
 from lmforge.train.sft import SupervisedFineTuning
@@ -95,6 +97,8 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     init_dir = None
     if cfg.train.init is not None:
         cfg, init_dir = adopt_init(cfg, run_dir)
+    encoder = family_spec(cfg.model.family).encoder
+    objective_cls = _objective_class(cfg, encoder, objective_cls)  # before any data is prepared
     ckpt_dir = start_checkpoint(run_dir, cfg, resume)
     if cfg.train.float8:  # before any data is prepared
         check_float8_device(device)
@@ -112,10 +116,10 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
             f"data directory {data_dir_for(cfg.data, run_dir)} was prepared with another tokenizer than that of "
             f"config key 'train.init' ({init_dir}): fine-tuning data must use the model's tokenizer (another data.dir)"
         )
+    if encoder:  # masked LM needs a mask token; the corpus's ids stay as they are (it is appended)
+        on_rank0(ensure_mask_token, run_dir / "tokenizer.json")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
-    if cfg.data.task == "sft":
-        objective_cls = SupervisedFineTuning  # type: ignore[assignment]  # the same interface (Objective)
     fused_loss = check_layout(cfg, model_cfg, dims, accum_steps, device, objective_cls)
     mesh = build_mesh(dims, device) if dims.distributed else None
 
@@ -131,7 +135,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         load_model_weights(step.parts, init_dir / "model", exclude=is_adapter)
     data_dir = data_dir_for(cfg.data, run_dir)
     data_rank = dp_rank(mesh, dims) if mesh is not None else 0
-    objective: CausalLM | SupervisedFineTuning
+    objective: CausalLM | SupervisedFineTuning | MaskedLM
     if cfg.data.task == "sft":
         pad_id = special_ids(tokenizer)["pad"]
         sft_loader = SFTLoader(data_dir, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed, data_rank,
@@ -148,7 +152,10 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         # Under pp a validation batch is split into the schedule's micro-batches like a training batch.
         val_batch = cfg.train.micro_batch_size * (accum_steps if dims.pp > 1 else 1)
         val_data = val_batches(data_dir, val_batch, cfg.data.seq_len, cfg.train.eval_batches)
-        objective = objective_cls(loader, val_data, fused_loss, tokenizer, cfg.train.sample_tokens)
+        if encoder:
+            objective = MaskedLM(loader, val_data, fused_loss, Masker(tokenizer, cfg.train.seed))
+        else:
+            objective = objective_cls(loader, val_data, fused_loss, tokenizer, cfg.train.sample_tokens)
     opened.callback(objective.close)
 
     guard = NonFiniteGuard(cfg.train)
@@ -180,6 +187,25 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         flops_per_token=meta.flops_per_token(cfg.data.seq_len),
         peak_flops=peak * dims.world_size if peak else None, check_every=resolve_check_every(cfg, step),
     )  # fmt: skip
+
+
+def _objective_class(cfg: RunConfig, encoder: bool, causal: type[CausalLM]) -> type:
+    """The objective the run trains: next-token prediction (`causal`, CausalLM or a subclass of it),
+    masked LM for an encoder family, or SFT (data.task sft)."""
+    if cfg.data.task == "sft":
+        if encoder:
+            raise ConfigError(
+                f"config key 'data.task': sft needs a decoder, not model.family {cfg.model.family}"
+            )
+        return SupervisedFineTuning
+    return MaskedLM if encoder else causal
+
+
+def ensure_mask_token(tokenizer_path: Path) -> None:
+    """Add the mask token to the run's tokenizer file unless it has it (rank 0)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    if add_mask_token(tokenizer):
+        save_tokenizer(tokenizer, tokenizer_path)
 
 
 def batch_geometry(cfg: RunConfig, dims: ParallelDims) -> tuple[int, int]:
@@ -219,6 +245,10 @@ def check_layout(cfg: RunConfig, model_cfg: FamilyConfig, dims: ParallelDims, ac
     if cfg.data.task == "sft" and cfg.data.packing and dims.tp > 1:
         raise ConfigError(
             f"config key 'data.packing' is not supported with parallel.tp={dims.tp} yet: set it false"
+        )
+    if family_spec(cfg.model.family).encoder and (dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(
+            f"model.family {cfg.model.family} (an encoder) trains data-parallel only: parallel.tp and parallel.pp must be 1"
         )
     if cfg.lora.rank and dims.pp > 1:
         raise ConfigError(f"config key 'lora.rank': LoRA is not supported with parallel.pp={dims.pp} yet")

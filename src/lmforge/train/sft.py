@@ -29,6 +29,7 @@ Rows = tuple[Tensor, Tensor, Tensor]  # (inputs, targets, doc_ids), each (B, T)
 
 class SupervisedFineTuning:
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None
+    by_targets = True  # how many targets a row has varies (prompts, masks)
 
     def __init__(self, loader: SFTLoader, val_data: list[tuple[Tensor, ...]], fused_loss: bool, packing: bool,
                  tokenizer: Tokenizer | None = None, sample_tokens: int = 0):  # fmt: skip

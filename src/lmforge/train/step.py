@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -21,6 +22,7 @@ from lmforge.config import FreezeConfig, LoraConfig, OptimConfig, ParallelConfig
 from lmforge.errors import ConfigError
 from lmforge.faults import fault
 from lmforge.models import FamilyConfig, FamilyModel, build_model
+from lmforge.ops.cross_entropy import IGNORE_INDEX
 from lmforge.parallel.apply import ModelLayout, gradient_sync
 from lmforge.parallel.tensor import reduce_partial_grads
 from lmforge.runtime import autocast
@@ -42,6 +44,7 @@ class TrainStep:
         grad_clip: float,
         pipe: PipelineStep | None = None,
         tensor_parallel: bool = False,
+        dp_mesh: DeviceMesh | None = None,
     ):
         """model: the bare model (its parameters; None under a pipeline, whose stages are `pipe.parts`);
         train_module: what a micro-batch is fed to: the model, its DDP wrapper, or their compiled form.
@@ -54,6 +57,7 @@ class TrainStep:
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
         self.pipe = pipe
         self.tensor_parallel = tensor_parallel
+        self.dp_mesh = dp_mesh  # the data-parallel ranks, for weighing losses by their targets
         # fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a no-op).
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -76,12 +80,18 @@ class TrainStep:
                 group["lr"] = lr
 
     def forward_backward(
-        self, batches: Sequence[AnyBatch], loss_fn: LossFn, step: int
+        self, batches: Sequence[AnyBatch], loss_fn: LossFn, step: int, by_targets: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Forward and backward over this rank's micro-batches of optimizer step `step`, then clip;
         returns (the mean loss of the batches, the global gradient norm before clipping), both on
         the device. The gradients are ready for `update`. loss_fn(train_module, batch): a
-        micro-batch's mean loss (an objective's `loss`; a pipeline uses its schedule's loss_fn)."""
+        micro-batch's mean loss (an objective's `loss`; a pipeline uses its schedule's loss_fn).
+
+        by_targets: the micro-batches hold different numbers of targets (those not IGNORE_INDEX in
+        batch[1]: SFT, masked LM): each micro-batch's mean is weighted by its share of the targets of
+        the whole step on all data-parallel ranks, so the step trains on the mean over every target,
+        whatever the layout (one small all-reduce and host read per step). Otherwise each
+        micro-batch counts 1 / len(batches), as when every micro-batch has the same targets."""
         if self.pipe is not None:
             # The schedule splits the rank's whole batch into its own micro-batches.
             inputs, targets = (
@@ -90,13 +100,29 @@ class TrainStep:
             with autocast(self.device, self.dtype):
                 loss_sum, grad_norm = self.pipe.train_step(inputs, targets, self.max_norm)
         else:
-            loss_sum, grad_norm = self._accumulate(batches, loss_fn, step)
+            loss_sum, grad_norm = self._accumulate(batches, loss_fn, step, self._weights(batches, by_targets))
         if fault("train.loss_value", step):
             loss_sum = loss_sum * float("nan")
         # The full value of a DTensor norm (FSDP/TP), once per step: the guards and the logging read it.
         return loss_sum, grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
 
-    def _accumulate(self, batches: Sequence[AnyBatch], loss_fn: LossFn, step: int) -> tuple[Tensor, Tensor]:
+    def _weights(self, batches: Sequence[AnyBatch], by_targets: bool) -> list[float]:
+        """What each micro-batch's mean loss is multiplied by (see forward_backward)."""
+        if not by_targets:
+            return [1.0 / len(batches)] * len(batches)
+        counts = [int((batch[1] != IGNORE_INDEX).sum()) for batch in batches]  # host tensors: no sync
+        total = torch.tensor(float(sum(counts)), device=self.device)
+        ranks = 1
+        if self.dp_mesh is not None:
+            for dim in range(self.dp_mesh.ndim):  # HSDP: over both dimensions
+                dist.all_reduce(total, group=self.dp_mesh.get_group(dim))
+            ranks = self.dp_mesh.size()
+        # Data parallelism averages gradients over the ranks: the factor `ranks` undoes that.
+        return [count * ranks / max(total.item(), 1.0) for count in counts]
+
+    def _accumulate(
+        self, batches: Sequence[AnyBatch], loss_fn: LossFn, step: int, weights: list[float]
+    ) -> tuple[Tensor, Tensor]:
         assert self.model is not None and self.train_module is not None
         loss_sum = torch.zeros((), device=self.device)
         for micro_step, batch in enumerate(batches):
@@ -104,7 +130,7 @@ class TrainStep:
             # Data-parallel gradients are reduced once, in the last micro-batch's backward.
             with gradient_sync(self.train_module, enabled=micro_step == len(batches) - 1):
                 with autocast(self.device, self.dtype):
-                    loss = loss_fn(self.train_module, on_device) / len(batches)
+                    loss = loss_fn(self.train_module, on_device) * weights[micro_step]
                 if fault("train.loss", step):
                     loss = loss * float("nan")
                 self.scaler.scale(loss).backward()
@@ -178,4 +204,5 @@ def build_train_step(
         model.init_weights()
         reset_adapters(model)
     optimizer = build_optimizer(model, optim, device.type)
-    return TrainStep(model, train_module, [optimizer], device, dtype, train.grad_clip, None, tensor_parallel)
+    return TrainStep(model, train_module, [optimizer], device, dtype, train.grad_clip, None, tensor_parallel,
+                     layout.dp_mesh)  # fmt: skip

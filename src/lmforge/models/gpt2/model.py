@@ -159,7 +159,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, input_pos: Tensor | None, attn_mask: Tensor | None = None) -> Tensor:
         # x: (B, T, dim) -> (B, T, dim)
-        x = x + self.attn(self.ln_1(x), input_pos, attn_mask)
+        # The mask is passed only when there is one: tensor parallelism's input hook counts the inputs.
+        normed = self.ln_1(x)
+        x = x + (
+            self.attn(normed, input_pos) if attn_mask is None else self.attn(normed, input_pos, attn_mask)
+        )
         return x + self.mlp(self.ln_2(x))
 
     def init_weights(self, out_std: float) -> None:

@@ -281,7 +281,12 @@ class TransformerBlock(nn.Module):
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         # x: (B, T, dim) -> (B, T, dim)
-        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, input_pos, attn_mask)
+        normed = self.attention_norm(x)
+        # The mask is passed only when there is one: tensor parallelism's input hook counts the inputs.
+        if attn_mask is None:
+            h = x + self.attention(normed, rope_cos, rope_sin, input_pos)
+        else:
+            h = x + self.attention(normed, rope_cos, rope_sin, input_pos, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, out_std: float) -> None:
