@@ -55,7 +55,10 @@ def test_invalid_yaml_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ({"family": "bert"}, "'model.family': unknown model family 'bert'; choose one of ['gpt2', 'llama']"),
+        (
+            {"family": "t5"},
+            "'model.family': unknown model family 't5'; choose one of ['bert', 'gpt2', 'llama']",
+        ),
         ({"family": "llama", "flavor": "huge"}, "'model.flavor': unknown llama flavor 'huge'"),
         (
             {"family": "gpt2", "flavor": "debug", "qk_norm": True},

@@ -83,7 +83,6 @@ class SavedBytes:
     block_positions: int
     first_positions: int
     first_norm: int = 0  # per token on the first stage: an embedding norm (the encoder's)
-    loss_hidden: int | None = None  # per token: the hidden state the loss takes, if not the stream's dtype
 
 
 @dataclass(frozen=True)

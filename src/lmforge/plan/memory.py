@@ -169,10 +169,8 @@ def activation_bytes(
     if last:
         other += tokens * saved.final_norm // sp + saved.final_fixed
         if fused_loss:
-            hidden = stream if saved.loss_hidden is None else saved.loss_hidden
-            other += (
-                tokens * hidden + 4 * V * D + 4
-            )  # the gradients of the hidden state and the head, 1 / count
+            # the gradients of the hidden state and the head, and 1 / the number of targets
+            other += tokens * stream + 4 * V * D + 4
         else:
             # the head's input, the fp32 log-softmax, the targets (int64) and nll_loss's total weight
             other += tokens * (c * D + 4 * math.ceil(V / tp) * tp + 8) + 4

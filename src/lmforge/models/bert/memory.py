@@ -5,10 +5,7 @@ Per token of one block it is GPT-2's (see models/gpt2/memory.py: the same pre-no
 exact GELU, whose backward keeps the same tensors, and non-causal attention, which keeps the same
 SDPA output and log-sum-exp). Outside the blocks: the embedding LayerNorm (its input, the sum of
 token and position embeddings in the parameters' dtype, and its statistics), the position ids
-(int64, per position), the final LayerNorm and the masked-LM head: the dense layer's input and
-output (cD each: GELU keeps its input), GELU's output (the LayerNorm's input) and that LayerNorm's
-statistics (under autocast its input stays in the compute dtype, and so does its output, which the
-fused loss takes).
+(int64, per position) and the final LayerNorm, which the masked-LM output reads directly.
 """
 
 from __future__ import annotations
@@ -27,10 +24,9 @@ def saved_bytes(cfg: BertConfig, c: int, p: int, norm_stat_bytes: int, tp: int) 
         inputs=2 * c * D,
         sharded=4 * c * D + 4 * cfg.n_heads + 8 * c * D,
         block_fixed=c * 12 * D * D // tp if autocast else 0,
-        final_norm=ln + 3 * c * D + stats,
-        final_fixed=c * D * D if autocast else 0,
+        final_norm=ln,
+        final_fixed=0,
         block_positions=0,
         first_positions=8,
         first_norm=ln,
-        loss_hidden=c * D,  # the head LayerNorm's output, in the compute dtype (not the stream's)
     )

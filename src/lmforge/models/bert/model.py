@@ -4,11 +4,12 @@ masked-LM head tied to the token embeddings.
 Read top to bottom: config → attention → MLP → block → model (the norm is torch's nn.LayerNorm).
 The shape follows BERT (Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers
 for Language Understanding"): learned positions, an embedding LayerNorm, a 4x GELU MLP, a masked-LM
-head of dense -> GELU -> LayerNorm -> the output matmul with the token embeddings' weight. Two
-choices differ from the 2019 model, both as later encoders made them: the blocks are pre-norm (the
-LayerNorm at each sub-block's input, as GPT-2 and most encoders since; stabler at the higher learning
-rates small models train with) with a final LayerNorm, and there is no next-sentence objective or
-segment embedding (RoBERTa, Liu et al. 2019, found it unhelpful). The output matmul has no bias.
+output matmul with the token embeddings' weight. Where it differs from the 2019 model it does as
+later encoders do: the blocks are pre-norm (the LayerNorm at each sub-block's input, as GPT-2 and
+most encoders since; stabler at the higher learning rates small models train with) with a final
+LayerNorm that the output reads directly (no extra dense + LayerNorm transform before it, and no
+output bias), and there is no next-sentence objective or segment embedding (RoBERTa, Liu et al.
+2019, found it unhelpful).
 
 q, k, v come from one matmul whose rows are interleaved per head, (n_heads, 3, head_dim), like
 lmforge's GPT-2, so that a contiguous block of rows is a set of whole heads.
@@ -176,10 +177,7 @@ class Bert(nn.Module):
         # Keyed "0".."n_layers-1", as the decoders: names do not depend on a pipeline's split.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        # The masked-LM head: dense -> GELU -> LayerNorm -> output (tied to tok_embeddings).
-        self.mlm_dense = nn.Linear(cfg.dim, cfg.dim)
-        self.mlm_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # the masked-LM head, tied
         self.tie_weights()
         self.init_weights()
 
@@ -203,8 +201,6 @@ class Bert(nn.Module):
         for block in self._blocks():
             block.init_weights(out_std)
         self.norm.reset_parameters()
-        _init_linear(self.mlm_dense, std=0.02)
-        self.mlm_norm.reset_parameters()
 
     def hidden_states(
         self, idx: Tensor, pad_mask: Tensor | None = None, doc_ids: Tensor | None = None
@@ -241,8 +237,7 @@ class Bert(nn.Module):
         """
         if input_pos is not None:
             raise ValueError("Bert is an encoder: it has no KV cache and takes no input_pos")
-        h = self.hidden_states(idx, pad_mask, doc_ids)
-        h = self.mlm_norm(F.gelu(self.mlm_dense(h)))  # (B, T, dim)
+        h = self.hidden_states(idx, pad_mask, doc_ids)  # (B, T, dim)
         if targets is not None:
             return linear_cross_entropy(h, self.output.weight, targets)
         return self.output(h)  # (B, T, vocab_size)

@@ -14,7 +14,7 @@ BLOCKS = "layers"
 
 STAGES = StageLayout(
     first=("tok_embeddings", "pos_embeddings", "emb_norm"),
-    last=("norm", "mlm_dense", "mlm_norm", "output"),
+    last=("norm", "output"),
     embedding="tok_embeddings",
     head="output",
     ties_embeddings=lambda cfg: True,  # the masked-LM output uses the token embeddings' weight
@@ -26,7 +26,6 @@ TP_PLAN = TensorParallelPlan(
         "pos_embeddings": "position_embedding",
         "emb_norm": "norm",
         "norm": "norm",
-        "mlm_norm": "norm",
         "output": "head",
     },  # fmt: skip
     block={
