@@ -149,8 +149,11 @@ def evaluate(
     """
     from lmforge.api import evaluate_text, load_checkpoint
     from lmforge.config import load_config
+    from lmforge.data.classify import val_examples
     from lmforge.data.loader import val_batches
     from lmforge.data.mlm import Masker
+    from lmforge.data.tokenizer import special_ids
+    from lmforge.evaluate.classify import evaluate_classifier
     from lmforge.evaluate.mlm import evaluate_masked_lm
     from lmforge.evaluate.perplexity import bits_per_byte, evaluate_loss, token_byte_lengths
     from lmforge.models import spec_of
@@ -165,8 +168,18 @@ def evaluate(
     cfg = load_config(ckpt_dir / "config.yaml")
     data_dir = data_dir_for(cfg.data, run_dir=ckpt_dir.parent.parent)
     model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
-    val = val_batches(data_dir, batch_size, cfg.data.seq_len, batches)
     dtype = run_precision(ckpt_dir, dev)  # the run's precision
+    if cfg.data.task == "classify":  # accuracy and macro-F1 on the held-out split
+        pad_id = special_ids(tokenizer)["pad"]
+        examples = val_examples(data_dir, batch_size, cfg.data.seq_len, batches, pad_id)
+        record = evaluate_classifier(model, examples, dev, dtype)
+        print(json.dumps({"checkpoint": str(ckpt_dir), **record, "labels": cfg.data.labels}))
+        return
+    if cfg.data.task == "sft":
+        raise ConfigError(
+            f"{run} is an SFT run: evaluate it on text with --data, or try lmforge generate --chat"
+        )
+    val = val_batches(data_dir, batch_size, cfg.data.seq_len, batches)
     if spec_of(model).encoder:  # masked LM: the loss and top-1 accuracy at the masked positions
         masked = evaluate_masked_lm(model, Masker(tokenizer, cfg.train.seed).batches(val), dev, dtype)
         print(json.dumps({"checkpoint": str(ckpt_dir), **masked, "dtype": PRECISION_NAMES[dtype]}))
@@ -175,6 +188,71 @@ def evaluate(
     bpb = bits_per_byte(result["val_loss"], (t for _, t in val), token_byte_lengths(tokenizer))
     print(json.dumps({"checkpoint": str(ckpt_dir), **result, "val_bits_per_byte": bpb,
                       "dtype": PRECISION_NAMES[dtype]}))  # fmt: skip
+
+
+def classify(run: str, text: str | None = None, input: str | None = None, device: str = "auto") -> None:
+    """Predict the class of texts with a classification run (data.task classify): one JSON line each.
+
+    Args:
+        run: Run directory (its newest checkpoint) or checkpoint directory.
+        text: One text to classify.
+        input: A file of texts: .jsonl (a "text" key per line) or plain text (one text per line).
+        device: auto, cpu, cuda or cuda:N.
+    """
+    import torch
+
+    from lmforge.api import load_checkpoint
+    from lmforge.config import load_config
+    from lmforge.data.classify import pad_rows
+    from lmforge.data.tokenizer import special_ids
+    from lmforge.rundir import resolve_checkpoint, run_precision
+    from lmforge.runtime import autocast, resolve_device
+
+    if (text is None) == (input is None):
+        raise ConfigError("classify needs exactly one of --text and --input")
+    texts = [text] if text is not None else _read_texts(Path(input))  # type: ignore[arg-type]
+    ckpt_dir = resolve_checkpoint(run)
+    cfg = load_config(ckpt_dir / "config.yaml")
+    if cfg.data.task != "classify" or not cfg.data.labels:
+        raise ConfigError(f"{run} is not a classification run (its data.task is {cfg.data.task})")
+    dev = resolve_device(device)
+    model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
+    ids = special_ids(tokenizer)
+    for start in range(0, len(texts), 32):
+        chunk = texts[start : start + 32]
+        inputs, mask = pad_rows(
+            [[ids["bos"], *e.ids] for e in tokenizer.encode_batch(chunk)], cfg.data.seq_len, ids["pad"]
+        )
+        with torch.no_grad(), autocast(dev, run_precision(ckpt_dir, dev)):
+            probs = model(inputs.to(dev), pad_mask=mask.to(dev)).float().softmax(-1).cpu()
+        for one, p in zip(chunk, probs, strict=True):
+            best = int(p.argmax())
+            print(
+                json.dumps(
+                    {
+                        "text": one[:60],
+                        "label": cfg.data.labels[best],
+                        "probability": round(float(p[best]), 4),
+                    }
+                )
+            )
+
+
+def _read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"--input {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    texts = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"--input {path}, line {lineno}: expected a JSON object with a 'text' key"
+            ) from None
+    return texts
 
 
 def export(run: str, out: str | None = None, format: Literal["lmforge", "hf", "peft"] = "lmforge") -> None:
@@ -452,6 +530,11 @@ def build_parser() -> ArgumentParser:
         help="A run from a Hugging Face model directory.",
     )
     commands.add_subcommand(
+        "classify",
+        _function_parser(classify, positional=True),
+        help="Predict classes with a classification run.",
+    )
+    commands.add_subcommand(
         "plan", _function_parser(plan), help="Memory and throughput of layouts for a model on a cluster."
     )
     return parser
@@ -534,6 +617,7 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
         "bench": bench,
         "export": export,
         "import": import_hf,
+        "classify": classify,
         "plan": plan,
     }
     kwargs = sub.as_dict()

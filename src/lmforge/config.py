@@ -65,9 +65,10 @@ class DataConfig:
         seq_len: Tokens per training window (the model's context length).
         num_workers: Tokenizer worker processes (default: all cores).
         loader_workers: Processes that read training batches ahead of the step (0: the training process reads them).
-        task: lm (language modelling on text: next-token for decoders) or sft (supervised fine-tuning on JSONL chat examples: loss on the assistant's tokens only; docs/finetune.md).
+        task: lm (language modelling on text: next-token for decoders, masked LM for encoders), sft (supervised fine-tuning on JSONL chat examples: loss on the assistant's tokens only) or classify (text classification from CSV/JSONL `text` and `label`); docs/finetune.md.
         packing: sft: several examples per row, each attending only to itself (default); false: one example per row, padded.
-        malformed: sft: a malformed JSONL line is an error naming the file and line (error), or is skipped and counted (skip).
+        malformed: sft, classify: a malformed line is an error naming the file and line (error), or is skipped and counted (skip).
+        labels: classify: the class names, in the order of the model's outputs; set from the data when the run starts.
     """
 
     source: str = "stdlib"
@@ -78,9 +79,10 @@ class DataConfig:
     seq_len: int = 256
     num_workers: int | None = None
     loader_workers: int = 0
-    task: Literal["lm", "sft"] = "lm"
+    task: Literal["lm", "sft", "classify"] = "lm"
     packing: bool = True
     malformed: Literal["error", "skip"] = "error"
+    labels: list[str] | None = None
 
     def __post_init__(self) -> None:
         _require(

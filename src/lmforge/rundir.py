@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.adapt.lora import apply_lora, merge_state
 from lmforge.config import DataConfig, LoraConfig, ModelConfig, load_config, one_line, to_dict
+from lmforge.data.classify import prepare_classify
 from lmforge.data.prepare import load_manifest, prepare_data
 from lmforge.data.sft import prepare_sft
 from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size
@@ -68,8 +69,8 @@ def data_dir_for(cfg: DataConfig, run_dir: Path) -> Path:
 def ensure_data(cfg: DataConfig, run_dir: Path, seed: int) -> Path:
     """The prepared data directory of the run: reused when its manifest exists, else prepared."""
     data_dir = data_dir_for(cfg, run_dir)
-    if cfg.task == "sft":
-        return _ensure_sft_data(cfg, data_dir, seed)
+    if cfg.task in ("sft", "classify"):
+        return _ensure_task_data(cfg, data_dir, seed)
     if (data_dir / "manifest.json").is_file():
         manifest = load_manifest(data_dir)
         if cfg.tokenizer is None and manifest["requested_vocab_size"] != cfg.vocab_size:
@@ -90,24 +91,25 @@ def ensure_data(cfg: DataConfig, run_dir: Path, seed: int) -> Path:
     return data_dir
 
 
-def _ensure_sft_data(cfg: DataConfig, data_dir: Path, seed: int) -> Path:
-    """An SFT data directory (lmforge.data.sft), prepared from cfg.source with cfg.tokenizer unless
-    it exists; one prepared for another tokenizer or task is refused."""
+def _ensure_task_data(cfg: DataConfig, data_dir: Path, seed: int) -> Path:
+    """An SFT or classification data directory (lmforge.data.sft, lmforge.data.classify), prepared
+    from cfg.source with cfg.tokenizer unless it exists; one prepared for another task is refused."""
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
         if cfg.tokenizer is None:
             raise ConfigError(
-                "config key 'data.task' is sft: it needs data.tokenizer (lmforge finetune --init sets it)"
+                f"config key 'data.task' is {cfg.task}: it needs data.tokenizer (lmforge finetune --init sets it)"
             )
-        prepare_sft(cfg.source, data_dir, cfg.tokenizer, cfg.seq_len, cfg.val_fraction, seed, cfg.malformed)
+        prepare = prepare_sft if cfg.task == "sft" else prepare_classify
+        prepare(cfg.source, data_dir, cfg.tokenizer, cfg.seq_len, cfg.val_fraction, seed, cfg.malformed)
         return data_dir
     try:
         kind = json.loads(manifest_path.read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         kind = None
-    if kind != "sft":
+    if kind != cfg.task:
         raise ConfigError(
-            f"data directory {data_dir} was not prepared for config key 'data.task' sft: use another data.dir"
+            f"data directory {data_dir} was not prepared for config key 'data.task' {cfg.task}: use another data.dir"
         )
     return data_dir
 

@@ -26,9 +26,18 @@ def apply_freeze(model: nn.Module, cfg: FreezeConfig) -> None:
             f"config key 'freeze.first_blocks' is {cfg.first_blocks} but the model has {n_layers} blocks"
         )
     stages = spec_of(model).stages
+    classifier = getattr(model, "classifier", None)
+    if (
+        classifier is not None
+        and not stages.ties_embeddings(model.cfg)
+        and getattr(model, stages.head) is not None
+    ):
+        # A classifier's loss never reads the language-model head: it gets no gradient (and DDP
+        # must not wait for one). A tied head is the embedding, which the classifier does read.
+        getattr(model, stages.head).requires_grad_(False)
     if cfg.all_but_head:
         model.requires_grad_(False)
-        head = getattr(model, stages.head)
+        head = classifier if classifier is not None else getattr(model, stages.head)
         if head is not None:  # a pipeline stage without the head trains nothing
             head.requires_grad_(True)
         return

@@ -150,6 +150,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
         return
     names = target_modules(model, cfg.targets)
     model.requires_grad_(False)
+    if getattr(model, "classifier", None) is not None:  # a new head trains whole (PEFT's modules_to_save)
+        model.classifier.requires_grad_(True)
     for block in blocks(model).values():
         for name in names:
             parent_name, _, child = name.rpartition(".")

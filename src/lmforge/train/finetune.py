@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import DataConfig, ModelConfig, RunConfig, load_config, to_dict
+from lmforge.config import DataConfig, RunConfig, load_config, to_dict
 from lmforge.data.sft import add_chat_tokens, has_chat_template
 from lmforge.data.tokenizer import load_tokenizer, padded_vocab_size, save_tokenizer
 from lmforge.errors import ConfigError
@@ -31,6 +31,7 @@ from lmforge.rundir import (
 from lmforge.train.checkpoint import save_checkpoint
 from lmforge.train.distributed import on_rank0
 from lmforge.train.optim import build_optimizer
+from lmforge.train.resume import without_classes
 
 
 def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
@@ -45,7 +46,8 @@ def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
             f"config key 'train.init': {init_dir} is a LoRA run (its adapters are apart from its weights): "
             "fine-tune its base, or export it merged with `lmforge export` and import that"
         )
-    if cfg.model not in (ModelConfig(), init_cfg.model):
+    mine, theirs = (without_classes(to_dict(c)["model"]) for c in (cfg, init_cfg))  # a classifier head aside
+    if mine not in (without_classes(to_dict(RunConfig())["model"]), theirs):
         raise ConfigError(
             f"config section 'model' ({to_dict(cfg)['model']}) differs from that of config key 'train.init' "
             f"{init_dir} ({to_dict(init_cfg)['model']}): fine-tuning keeps the model; leave the section out"

@@ -18,6 +18,7 @@ import torch
 from lmforge.adapt.freeze import trainable_counts
 from lmforge.adapt.lora import is_adapter
 from lmforge.config import RunConfig, save_config
+from lmforge.data.classify import ClassifyLoader, labels_of, val_examples
 from lmforge.data.loader import BatchLoader, val_batches
 from lmforge.data.mlm import Masker, add_mask_token
 from lmforge.data.sft import SFTLoader, val_rows
@@ -49,6 +50,7 @@ from lmforge.runtime import (
     resolve_device,
     resolve_precision,
 )
+from lmforge.train.classify import Classification
 from lmforge.train.distributed import on_rank0, process_group, rank
 from lmforge.train.finetune import adopt_init
 from lmforge.train.float8 import check_float8_device
@@ -118,6 +120,10 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         )
     if encoder:  # masked LM needs a mask token; the corpus's ids stay as they are (it is appended)
         on_rank0(ensure_mask_token, run_dir / "tokenizer.json")
+    if cfg.data.task == "classify":  # the head's size and the label names come from the data
+        labels = labels_of(data_dir_for(cfg.data, run_dir))
+        shape = {**(cfg.model.shape or {}), "n_classes": len(labels)}
+        cfg = replace(cfg, data=replace(cfg.data, labels=labels), model=replace(cfg.model, shape=shape))
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model_cfg = run_model_config(cfg.model, cfg.data.seq_len, tokenizer.get_vocab_size())
     fused_loss = check_layout(cfg, model_cfg, dims, accum_steps, device, objective_cls)
@@ -132,11 +138,28 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     )  # fmt: skip
     if ckpt_dir is None and init_dir is not None:
         # Fine-tuning: the base weights replace the seeded ones (adapters keep their init), in any layout.
-        load_model_weights(step.parts, init_dir / "model", exclude=is_adapter)
+        load_model_weights(step.parts, init_dir / "model", exclude=lambda name: is_adapter(name) or
+                           name.startswith("classifier."))  # fmt: skip
     data_dir = data_dir_for(cfg.data, run_dir)
     data_rank = dp_rank(mesh, dims) if mesh is not None else 0
-    objective: CausalLM | SupervisedFineTuning | MaskedLM
-    if cfg.data.task == "sft":
+    objective: CausalLM | SupervisedFineTuning | MaskedLM | Classification
+    if cfg.data.task == "classify":
+        pad_id = special_ids(tokenizer)["pad"]
+        objective = Classification(
+            ClassifyLoader(
+                data_dir,
+                cfg.train.micro_batch_size,
+                cfg.data.seq_len,
+                cfg.train.seed,
+                data_rank,
+                dims.dp,
+                pad_id,
+            ),
+            val_examples(
+                data_dir, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.eval_batches, pad_id
+            ),
+        )
+    elif cfg.data.task == "sft":
         pad_id = special_ids(tokenizer)["pad"]
         sft_loader = SFTLoader(data_dir, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed, data_rank,
                                dims.dp, cfg.data.packing, pad_id)  # fmt: skip
@@ -192,6 +215,8 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
 def _objective_class(cfg: RunConfig, encoder: bool, causal: type[CausalLM]) -> type:
     """The objective the run trains: next-token prediction (`causal`, CausalLM or a subclass of it),
     masked LM for an encoder family, or SFT (data.task sft)."""
+    if cfg.data.task == "classify":
+        return Classification
     if cfg.data.task == "sft":
         if encoder:
             raise ConfigError(
@@ -246,6 +271,8 @@ def check_layout(cfg: RunConfig, model_cfg: FamilyConfig, dims: ParallelDims, ac
         raise ConfigError(
             f"config key 'data.packing' is not supported with parallel.tp={dims.tp} yet: set it false"
         )
+    if cfg.data.task == "classify" and dims.tp > 1:
+        raise ConfigError(f"config key 'data.task' classify is not supported with parallel.tp={dims.tp} yet")
     if family_spec(cfg.model.family).encoder and (dims.tp > 1 or dims.pp > 1):
         raise ConfigError(
             f"model.family {cfg.model.family} (an encoder) trains data-parallel only: parallel.tp and parallel.pp must be 1"

@@ -28,6 +28,9 @@ JOB_MARKER = ".torchrun_job"  # RUN/.torchrun_job: the torchrun job (TORCHELASTI
 
 # Keys of the data section that change how fast data is read, not which tokens are trained on.
 DATA_SPEED_KEYS = ("num_workers", "loader_workers")
+# What a classification run derives from its data when it starts (the labels, the head's size), not
+# what the user chose: a recipe resumed against the run's config.yaml leaves them out.
+DERIVED = {"data": ("labels",), "model": ()}
 
 
 def start_checkpoint(run_dir: Path, cfg: RunConfig, resume: Resume) -> Path | None:
@@ -44,12 +47,22 @@ def check_resume_compatible(saved: RunConfig, cfg: RunConfig, run_dir: Path) -> 
     for section in ("model", "data", "freeze", "lora"):
         old, new = to_dict(saved)[section], to_dict(cfg)[section]
         if section == "data":
-            old, new = ({k: v for k, v in d.items() if k not in DATA_SPEED_KEYS} for d in (old, new))
+            old, new = (
+                {k: v for k, v in d.items() if k not in DATA_SPEED_KEYS + DERIVED["data"]} for d in (old, new)
+            )
+        if section == "model":
+            old, new = (without_classes(d) for d in (old, new))
         if old != new:
             raise ConfigError(
                 f"cannot resume {run_dir}: config section '{section}' differs from the run's config.yaml "
                 f"({old} vs {new})"
             )
+
+
+def without_classes(model: dict) -> dict:
+    """A model section as a dict, without the classification head's size (model.shape.n_classes)."""
+    shape = {k: v for k, v in (model.get("shape") or {}).items() if k != "n_classes"}
+    return {**model, "shape": shape or None}
 
 
 def mark_job(run_dir: Path) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.packing import document_positions
+from lmforge.models.pooling import first_token
 from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
@@ -45,6 +46,7 @@ class BertConfig:
     n_heads: int
     norm_eps: float = 1e-12  # BERT's
     dropout: float = 0.0  # embedding, attention and residual dropout (BERT used 0.1)
+    n_classes: int = 0  # > 0: a classification head on the first token (forward returns (B, n_classes))
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads"):
@@ -178,6 +180,7 @@ class Bert(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # the masked-LM head, tied
+        self.classifier = nn.Linear(cfg.dim, cfg.n_classes) if cfg.n_classes else None
         self.tie_weights()
         self.init_weights()
 
@@ -201,6 +204,8 @@ class Bert(nn.Module):
         for block in self._blocks():
             block.init_weights(out_std)
         self.norm.reset_parameters()
+        if self.classifier is not None:
+            _init_linear(self.classifier, std=0.02)
 
     def hidden_states(
         self, idx: Tensor, pad_mask: Tensor | None = None, doc_ids: Tensor | None = None
@@ -233,11 +238,14 @@ class Bert(nn.Module):
 
         targets: (B, T) int64, the original token at each masked position and IGNORE_INDEX (-100)
         elsewhere: return the mean cross-entropy over the masked positions (() fp32) instead, without
-        materialising the logits. input_pos is accepted for the decoders' signature and must be None.
+        materialising the logits. With cfg.n_classes: the class logits (B, n_classes) of each row's
+        first token instead. input_pos is accepted for the decoders' signature and must be None.
         """
         if input_pos is not None:
             raise ValueError("Bert is an encoder: it has no KV cache and takes no input_pos")
         h = self.hidden_states(idx, pad_mask, doc_ids)  # (B, T, dim)
+        if self.classifier is not None:  # the first token (the prepended <|bos|>) sees the whole text
+            return self.classifier(first_token(h))  # (B, n_classes)
         if targets is not None:
             return linear_cross_entropy(h, self.output.weight, targets)
         return self.output(h)  # (B, T, vocab_size)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.packing import document_mask, document_positions
+from lmforge.models.pooling import last_token
 from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
@@ -46,6 +47,7 @@ class GPT2Config:
     norm_eps: float = 1e-5
     bias: bool = True  # biases in linears and LayerNorms, as GPT-2; False is a bit faster and as good
     dropout: float = 0.0  # embedding, attention and residual dropout; 0 for pretraining
+    n_classes: int = 0  # > 0: a classification head on the last real token (forward returns (B, n_classes))
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads"):
@@ -191,6 +193,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.classifier = nn.Linear(cfg.dim, cfg.n_classes) if cfg.n_classes else None
         self.tie_weights()
         self.init_weights()
 
@@ -225,10 +228,12 @@ class GPT2(nn.Module):
         for block in self._blocks():
             block.init_weights(out_std)
         self.ln_f.reset_parameters()
+        if self.classifier is not None:
+            _init_linear(self.classifier, std=0.02)
 
     def forward(
         self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None,
-        doc_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None, pad_mask: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the compute dtype.
 
@@ -241,6 +246,9 @@ class GPT2(nn.Module):
         doc_ids: (B, T) the document of each position, for rows that pack several documents: positions
         restart at each document and attention stays inside it (lmforge.models.packing). Not with a
         KV cache.
+
+        With cfg.n_classes: the class logits (B, n_classes) of each row's last real token instead
+        (pad_mask (B, T), True for tokens: rows are right-padded, so padding changes nothing before).
 
         A pipeline stage (lmforge.parallel.pipeline) has wte and wpe, or ln_f and lm_head, set to
         None where another stage runs them: without wte idx is the previous stage's hidden state
@@ -262,6 +270,8 @@ class GPT2(nn.Module):
         for block in self.h.values():
             x = block(x, input_pos) if mask is None else block(x, input_pos, mask)  # (B, T, dim)
         x = self.ln_f(x) if self.ln_f is not None else x
+        if self.classifier is not None:
+            return self.classifier(last_token(x, pad_mask))  # (B, n_classes)
         if targets is not None:  # (B, T) -> the mean loss, without (B, T, vocab_size) logits
             return linear_cross_entropy(x, self.lm_head.weight, targets)
         return self.lm_head(x) if self.lm_head is not None else x  # (B, T, vocab_size) or (B, T, dim)

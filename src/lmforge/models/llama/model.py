@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.packing import document_mask, document_positions
+from lmforge.models.pooling import last_token
 from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,6 +48,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # share tok_embeddings.weight with output.weight
     qk_norm: bool = False  # RMSNorm per head on queries and keys before RoPE (OLMo 2, Qwen3)
+    n_classes: int = 0  # > 0: a classification head on the last real token (forward returns (B, n_classes))
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -312,6 +314,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.classifier = nn.Linear(cfg.dim, cfg.n_classes) if cfg.n_classes else None
         self.tie_weights()
         # RoPE tables are derived from the config, so they are non-persistent (not in state_dict)
         # and (re)computed by init_weights, also after a meta-device build + to_empty.
@@ -358,10 +361,13 @@ class Llama(nn.Module):
         self.norm.init_weights()
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=0.02)
+        if self.classifier is not None:
+            nn.init.normal_(self.classifier.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(self.classifier.bias)
 
     def forward(
         self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None,
-        doc_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None, pad_mask: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """idx: (B, T) int64 token ids -> logits (B, T, vocab_size) in the compute dtype.
 
@@ -374,6 +380,9 @@ class Llama(nn.Module):
         doc_ids: (B, T) the document of each position, for rows that pack several documents: positions
         restart at each document and attention stays inside it (lmforge.models.packing). Not with a
         KV cache.
+
+        With cfg.n_classes: the class logits (B, n_classes) of each row's last real token instead
+        (pad_mask (B, T), True for tokens: rows are right-padded, so padding changes nothing before).
 
         A pipeline stage (lmforge.parallel.pipeline) has tok_embeddings, norm and output set to None
         where another stage runs them: without tok_embeddings idx is the previous stage's hidden
@@ -397,6 +406,8 @@ class Llama(nn.Module):
                 else layer(h, rope_cos, rope_sin, input_pos, mask)
             )
         h = self.norm(h) if self.norm is not None else h
+        if self.classifier is not None:
+            return self.classifier(last_token(h, pad_mask))  # (B, n_classes)
         if targets is not None:  # (B, T) -> the mean loss, without (B, T, vocab_size) logits
             return linear_cross_entropy(h, self.output.weight, targets)
         return self.output(h) if self.output is not None else h  # (B, T, vocab_size) or (B, T, dim)
