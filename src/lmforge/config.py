@@ -269,6 +269,7 @@ class LoraConfig:
         rank: Rank of the adapters; 0: no LoRA.
         alpha: Scale numerator: the update is multiplied by alpha / rank.
         dropout: Dropout on the adapters' input.
+        embeddings: Also train the token embeddings and the output head whole (PEFT's modules_to_save), as tokens the run adds need; default: on with data.task sft (its chat tokens), off otherwise.
         targets: Linear layers inside each block that get adapters: `attention`, `mlp`, or module names relative to a block, matched on whole name parts (llama: wq, wk, wv, wo, w1, w2, w3; gpt2: c_attn, attn.c_proj, c_fc, mlp.c_proj).
     """
 
@@ -276,6 +277,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["attention"])
+    embeddings: bool | None = None
 
     def __post_init__(self) -> None:
         _require(self.rank >= 0, "lora.rank", ">= 0", self.rank)

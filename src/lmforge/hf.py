@@ -44,6 +44,10 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
     spec = spec_of(model)
     if spec.hf is None:
         raise CheckpointError(f"cannot export {ckpt_dir} to Hugging Face format: family {spec.name} has none")
+    if model.cfg.n_classes:
+        raise CheckpointError(
+            f"cannot export {ckpt_dir} to Hugging Face format: it is a classifier (no causal-LM head)"
+        )
     try:
         shape = spec.hf.config_to_hf(model.cfg)
     except ValueError as err:
@@ -115,6 +119,11 @@ def export_peft(ckpt_dir: Path, out_dir: Path) -> Path:
     if spec.hf is None:
         raise CheckpointError(
             f"cannot export {ckpt_dir} as PEFT adapters: family {spec.name} has no Hugging Face map"
+        )
+    if cfg.lora.embeddings or model.cfg.n_classes:
+        raise CheckpointError(
+            f"cannot export {ckpt_dir} as PEFT adapters alone: it also trained its embeddings, output head or "
+            "classifier whole; export it merged (--format hf, or lmforge)"
         )
     weights = checkpoint_weights(ckpt_dir, merge_adapters=False)
     tensors: dict[str, Tensor] = {}

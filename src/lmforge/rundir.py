@@ -111,6 +111,12 @@ def _ensure_task_data(cfg: DataConfig, data_dir: Path, seed: int) -> Path:
         raise ConfigError(
             f"data directory {data_dir} was not prepared for config key 'data.task' {cfg.task}: use another data.dir"
         )
+    prepared_len = json.loads(manifest_path.read_text()).get("seq_len")
+    if prepared_len != cfg.seq_len:
+        raise ConfigError(
+            f"data directory {data_dir} was prepared with seq_len {prepared_len}, config key 'data.seq_len' is "
+            f"{cfg.seq_len}: use another data.dir"
+        )
     return data_dir
 
 

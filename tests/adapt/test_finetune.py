@@ -187,3 +187,30 @@ def test_the_cli_needs_an_init(capsys, tmp_path):
         err
         == "lmforge: error: finetune needs --init RUN_OR_CHECKPOINT: the run or checkpoint whose weights it starts from\n"
     )
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        ["--freeze.first_blocks=1"],
+        ["--lora.rank=4", "--lora.targets=[wq, wv]"],
+        ["--data.task=sft", "--data.source=stdlib-docstrings", "--data.dir=null", "--lora.rank=4"],
+    ],
+    ids=["frozen", "lora", "sft-lora"],
+)
+def test_lmforge_finetune_end_to_end(kind, base_run, tmp_path, capsys):
+    """The command as a user types it, then generate and eval on the result."""
+    recipe = Path(__file__).parents[2] / "recipes" / "debug.yaml"
+    out = tmp_path / "run"
+    args = ["finetune", "--config", str(recipe), "--init", str(base_run), "--out", str(out), "--train.max_steps=3",
+            "--train.eval_every=0", "--train.sample_tokens=0", "--logging.progress=false", *kind]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    chat = ["--chat"] if "--data.task=sft" in kind else []
+    assert (
+        main(["generate", str(out), "--prompt", "def", "--max-new-tokens", "4", "--temperature", "0", *chat])
+        == 0
+    )
+    if not chat:
+        assert main(["eval", str(out), "--batches", "2"]) == 0
+        assert "val_loss" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -250,3 +250,24 @@ def test_an_sft_source_with_a_bad_line_fails_before_training(base_run, debug_con
     with pytest.raises(DataError, match=rf"SFT data file {bad}, line 2: message 0 has unknown role 'bot'"):
         sft_run(debug_config, base_run, bad, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sft_keeps_the_chat_tokens_trainable(base_run, examples_file, debug_config, tmp_path):
+    """Their rows start equal (the mean): under LoRA the embedding and head train whole
+    (lora.embeddings defaults on for SFT), and freezing the embeddings is refused."""
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="freeze the embedding rows of the chat tokens"):
+        sft_run(debug_config, base_run, examples_file, tmp_path / "frozen", freeze={"embeddings": True})
+    sft_run(debug_config, base_run, examples_file, tmp_path / "run", lora={"rank": 4})
+    assert load_config(tmp_path / "run" / "config.yaml").lora.embeddings is True
+    tuned = checkpoint_weights(latest_checkpoint(tmp_path / "run"), merge_adapters=False)[
+        "tok_embeddings.weight"
+    ]
+    start, end = (load_tokenizer(tmp_path / "run" / "tokenizer.json").token_to_id(t) for t in CHAT_TOKENS)
+    assert not torch.equal(tuned[start], tuned[end])  # the two new tokens learned apart
+    from lmforge.errors import CheckpointError
+    from lmforge.hf import export_peft
+
+    with pytest.raises(CheckpointError, match="also trained its embeddings"):
+        export_peft(latest_checkpoint(tmp_path / "run"), tmp_path / "peft")

@@ -148,3 +148,13 @@ def test_a_frozen_head_gets_no_gradient_and_the_hidden_state_the_same_one():
         torch.testing.assert_close(
             linear_cross_entropy(hidden, weight, targets), reference(hidden, weight, targets)
         )
+
+
+def test_a_micro_batch_without_targets_has_zero_loss_and_gradient_not_nan():
+    """SFT can cut an example's prompt before its answer: no target at all in a micro-batch."""
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    targets = torch.full((2, 5), IGNORE_INDEX)
+    for loss in (linear_cross_entropy(hidden, weight, targets), reference(hidden, weight, targets)):
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        assert loss.item() == 0.0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads)

@@ -152,6 +152,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
     model.requires_grad_(False)
     if getattr(model, "classifier", None) is not None:  # a new head trains whole (PEFT's modules_to_save)
         model.classifier.requires_grad_(True)
+    if cfg.embeddings:  # new tokens' rows must learn: the embedding and output head train whole
+        stages = spec_of(model).stages
+        for name in (stages.embedding, stages.head):
+            module = getattr(model, name)
+            if module is not None:
+                module.requires_grad_(True)
     for block in blocks(model).values():
         for name in names:
             parent_name, _, child = name.rpartition(".")

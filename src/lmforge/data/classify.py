@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 from lmforge.data.builtin import STDLIB_PACKAGES, package_examples
 from lmforge.data.errors import DataError
-from lmforge.data.prepare import _val_score
+from lmforge.data.prepare import _val_score, _write_json_atomic
 from lmforge.data.sources import list_files
 from lmforge.data.tokenizer import load_tokenizer, special_ids, tokenizer_sha256
 
@@ -136,9 +135,7 @@ def prepare_classify(source: str, out_dir: str | Path, tokenizer_path: str | Pat
         "truncated": truncated,
         "tokenizer_sha256": tokenizer_sha256(out_dir / "tokenizer.json"),
     }
-    tmp = out_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / "manifest.json")
+    _write_json_atomic(out_dir / "manifest.json", manifest)  # last: a directory with a manifest is complete
     if skipped:
         warnings.warn(f"classification data: skipped {len(skipped)} malformed lines (the first: {skipped[0]})",
                       stacklevel=2)  # fmt: skip

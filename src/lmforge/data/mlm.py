@@ -14,8 +14,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 from torch import Tensor
 
+from lmforge.ops.cross_entropy import IGNORE_INDEX
+
 MASK_TOKEN = "<|mask|>"
-IGNORE_INDEX = -100  # lmforge.ops.cross_entropy's
 
 
 def add_mask_token(tokenizer: Tokenizer) -> bool:

@@ -33,7 +33,6 @@ The state is the number of examples consumed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -46,13 +45,13 @@ from tokenizers import AddedToken, Tokenizer
 
 from lmforge.data.builtin import STDLIB_DOCSTRINGS, docstring_examples
 from lmforge.data.errors import DataError
-from lmforge.data.prepare import _val_score
+from lmforge.data.prepare import _val_score, _write_json_atomic
 from lmforge.data.sources import list_files
 from lmforge.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_sha256
+from lmforge.ops.cross_entropy import IGNORE_INDEX
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100  # lmforge.ops.cross_entropy's: no loss at this target
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -180,12 +179,15 @@ def prepare_sft(
     has_tokens = has_chat_template(tokenizer)
     add_chat_tokens(tokenizer)
     splits: dict[str, list[tuple[list[int], list[bool]]]] = {"train": [], "val": []}
-    truncated = 0
+    truncated = unlearnable = 0
     for origin, messages in examples:
         ids, trained = render(messages, tokenizer)
         if len(ids) > seq_len + 1:
             ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
             truncated += 1
+            if not any(trained[1:]):  # the cut left none of the answer: nothing to learn from it
+                unlearnable += 1
+                continue
         splits["val" if _val_score(seed, origin) < val_fraction else "train"].append((ids, trained))
     if len(examples) < 2:
         raise DataError(
@@ -215,19 +217,17 @@ def prepare_sft(
         "examples": {split: len(rows) for split, rows in splits.items()},
         "skipped": len(skipped),
         "truncated": truncated,
+        "dropped_no_answer": unlearnable,
         "tokenizer_sha256": tokenizer_sha256(out_dir / "tokenizer.json"),
     }
-    tmp = out_dir / ".manifest.json.tmp"  # written last: a directory with a manifest is complete
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / "manifest.json")
+    _write_json_atomic(out_dir / "manifest.json", manifest)  # last: a directory with a manifest is complete
     if skipped:
         warnings.warn(
             f"SFT data: skipped {len(skipped)} malformed lines (the first: {skipped[0]})", stacklevel=2
         )
     if truncated:
-        warnings.warn(
-            f"SFT data: {truncated} examples longer than {seq_len + 1} tokens were cut there", stacklevel=2
-        )
+        warnings.warn(f"SFT data: {truncated} examples longer than {seq_len + 1} tokens were cut there "
+                      f"({unlearnable} of them left out: the cut left none of the answer)", stacklevel=2)  # fmt: skip
     return manifest
 
 
@@ -311,16 +311,22 @@ class SFTLoader:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.packing, self.pad_id = rank, world_size, packing, pad_id
         self.consumed = 0  # examples of the global stream used by the batches handed out
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # one epoch's order cached: a batch spans at most two
+            self._epoch, self._perm = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)),
+            )
+        return self._perm
 
     def _stream(self, start: int) -> Iterator[int]:
-        n = len(self.dataset)
         position = start
         while True:
-            epoch, offset = divmod(position, n)
-            permutation = np.random.default_rng([self.seed, epoch]).permutation(n)
-            for index in permutation[offset:].tolist():
-                position += 1
-                yield index
+            epoch, offset = divmod(position, len(self.dataset))
+            yield int(self._permutation(epoch)[offset])
+            position += 1
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         stream = self._stream(self.consumed)

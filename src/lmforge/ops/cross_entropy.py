@@ -25,20 +25,25 @@ IGNORE_INDEX = -100
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token loss over the targets that are not IGNORE_INDEX. logits (B, T, V) any float
-    dtype, targets (B, T) int64 -> () fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean next-token loss over the targets that are not IGNORE_INDEX (0, not NaN, when there is
+    none: a micro-batch of prompts only). logits (B, T, V) any float dtype, targets (B, T) int64 -> () fp32."""
+    targets = targets.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, grad_enabled: bool
+    ) -> Tensor:
         # hidden (N, D) in the compute dtype, weight (V, D), targets (N,) int64 (IGNORE_INDEX: no loss)
         n_tokens = hidden.shape[0]
         compute_dtype = hidden.dtype
         # Only the gradients autograd will ask for are computed: a frozen head (fine-tuning with
-        # LoRA or freeze.*) skips its (V, D) weight gradient, a no_grad evaluation both.
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # LoRA or freeze.*) skips its (V, D) weight gradient, a no_grad evaluation both
+        # (needs_input_grad follows requires_grad whatever the grad mode: grad_enabled says which).
+        want_hidden, want_weight = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
         weight_c = weight.to(compute_dtype)  # (V, D): a no-op unless autocast runs in bf16/fp16
         grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (N, D)
         grad_weight = (
@@ -64,8 +69,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + chunk_size] = (grad_logits @ weight_c) * keep[:, None]  # (C, D)
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ (h * keep[:, None])).float()  # (V, D)
-        # the mean over the counted positions (no host sync: the count stays on the device)
-        scale = 1.0 / counted.sum().to(torch.float32)
+        # the mean over the counted positions (no host sync: the count stays on the device); a
+        # micro-batch without one (a prompt cut before its answer) has loss and gradient 0, not NaN
+        scale = 1.0 / counted.sum().clamp(min=1).to(torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
         return loss * scale
@@ -78,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # (a bf16 1/N would scale every element by up to 2^-9 too much or too little)
         return (grad_hidden * factor if grad_hidden is not None else None,
                 (grad_weight * factor).to(ctx.weight_dtype) if grad_weight is not None else None,
-                None, None)  # fmt: skip
+                None, None, None)  # fmt: skip
 
 
 # Under torch.compile the model's graph ends before this function, which runs eagerly (its chunk
@@ -94,4 +100,4 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if targets.numel() == 0:
         raise ValueError("linear_cross_entropy needs at least one target")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, torch.is_grad_enabled())

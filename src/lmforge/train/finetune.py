@@ -54,6 +54,10 @@ def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
         )
     seq_len = init_cfg.data.seq_len if cfg.data.seq_len == DataConfig().seq_len else cfg.data.seq_len
     weights_dir, model = init_dir, init_cfg.model
+    if (
+        cfg.data.task != "classify" and model.shape and "n_classes" in model.shape
+    ):  # a classifier's head stays behind
+        model = replace(model, shape={k: v for k, v in model.shape.items() if k != "n_classes"} or None)
     if cfg.data.task == "sft" and not has_chat_template(load_tokenizer(init_dir / "tokenizer.json")):
         weights_dir = on_rank0(grow_vocabulary, init_dir, run_dir / "base")
         model = load_config(weights_dir / "config.yaml").model

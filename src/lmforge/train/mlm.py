@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 class MaskedLM:
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None
-    by_targets = True  # how many targets a row has varies (prompts, masks)
+    by_targets = True  # how many positions a row masks varies
 
     def __init__(self, loader: BatchLoader, val_windows: list[Batch], fused_loss: bool, masker: Masker):
         self.loader, self.fused_loss, self.masker = loader, fused_loss, masker

@@ -96,6 +96,7 @@ def pretrain(
 
 def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, device: torch.device,
             stop_signal: StopSignal, objective_cls: type[CausalLM], opened: ExitStack) -> TrainingRun:  # fmt: skip
+    cfg = resolve_adapt_defaults(cfg)
     init_dir = None
     if cfg.train.init is not None:
         cfg, init_dir = adopt_init(cfg, run_dir)
@@ -210,6 +211,19 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         flops_per_token=meta.flops_per_token(cfg.data.seq_len),
         peak_flops=peak * dims.world_size if peak else None, check_every=resolve_check_every(cfg, step),
     )  # fmt: skip
+
+
+def resolve_adapt_defaults(cfg: RunConfig) -> RunConfig:
+    """lora.embeddings resolved (on for SFT, whose chat tokens are new rows that must learn), and the
+    freezing SFT cannot take refused."""
+    if cfg.data.task == "sft" and (cfg.freeze.embeddings or cfg.freeze.all_but_head):
+        raise ConfigError(
+            "config keys 'freeze.embeddings' and 'freeze.all_but_head' freeze the embedding rows of the chat "
+            "tokens that data.task sft adds: they could never learn (use freeze.first_blocks, or LoRA)"
+        )
+    if cfg.lora.rank and cfg.lora.embeddings is None:
+        cfg = replace(cfg, lora=replace(cfg.lora, embeddings=cfg.data.task == "sft"))
+    return cfg
 
 
 def _objective_class(cfg: RunConfig, encoder: bool, causal: type[CausalLM]) -> type:

@@ -30,7 +30,7 @@ JOB_MARKER = ".torchrun_job"  # RUN/.torchrun_job: the torchrun job (TORCHELASTI
 DATA_SPEED_KEYS = ("num_workers", "loader_workers")
 # What a classification run derives from its data when it starts (the labels, the head's size), not
 # what the user chose: a recipe resumed against the run's config.yaml leaves them out.
-DERIVED = {"data": ("labels",), "model": ()}
+DERIVED = {"data": ("labels",)}
 
 
 def start_checkpoint(run_dir: Path, cfg: RunConfig, resume: Resume) -> Path | None:

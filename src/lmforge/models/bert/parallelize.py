@@ -2,7 +2,7 @@
 a tensor-parallel plan and the config fields that plan splits. Data only; lmforge.parallel applies it.
 
 Data parallelism (DDP, FSDP2) applies to it as to the decoders. Tensor and pipeline parallelism are
-not offered for it yet (`FamilySpec.tensor_parallel` is False; its objectives have no pipeline loss):
+not offered for it yet (FamilySpec.encoder: lmforge.train.pretrain refuses them; its objectives have no pipeline loss):
 an encoder of this size trains data-parallel.
 """
 
