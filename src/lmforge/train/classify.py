@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lmforge.data.classify import ClassifyLoader
 from lmforge.evaluate.classify import evaluate_classifier
+from lmforge.train.objective import LoaderObjective
 
 if TYPE_CHECKING:
     from lmforge.train.step import TrainStep
@@ -20,15 +21,12 @@ if TYPE_CHECKING:
 Rows = tuple[Tensor, Tensor, Tensor]  # (inputs (B, T), labels (B,), pad_mask (B, T))
 
 
-class Classification:
+class Classification(LoaderObjective):
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None
     by_targets = False  # one label per row
 
     def __init__(self, loader: ClassifyLoader, val_data: list[Rows]):
         self.loader, self.val_data = loader, val_data
-
-    def next_batch(self) -> Rows:
-        return self.loader.next_batch()
 
     def loss(self, model: nn.Module, batch: Rows) -> Tensor:
         inputs, labels, pad_mask = batch
@@ -42,12 +40,3 @@ class Classification:
 
     def samples(self, step: TrainStep, at_step: int) -> list[str]:
         return []
-
-    def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
-
-    def close(self) -> None:
-        self.loader.close()

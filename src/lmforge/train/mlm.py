@@ -18,12 +18,13 @@ from lmforge.data.loader import Batch, BatchLoader
 from lmforge.data.mlm import Masker
 from lmforge.evaluate.mlm import evaluate_masked_lm
 from lmforge.ops.cross_entropy import cross_entropy
+from lmforge.train.objective import LoaderObjective
 
 if TYPE_CHECKING:
     from lmforge.train.step import TrainStep
 
 
-class MaskedLM:
+class MaskedLM(LoaderObjective):
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None
     by_targets = True  # how many positions a row masks varies
 
@@ -50,12 +51,3 @@ class MaskedLM:
 
     def samples(self, step: TrainStep, at_step: int) -> list[str]:
         return []  # an encoder does not generate
-
-    def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
-
-    def close(self) -> None:
-        self.loader.close()

@@ -83,7 +83,26 @@ def next_token_loss(fused: bool) -> LossFn:
     return loss
 
 
-class CausalLM:
+class LoaderObjective:
+    """What the objectives that read one data loader share: its batches, its position in a
+    checkpoint (JSON: `{"loader": ...}`), and closing it (its worker processes)."""
+
+    loader: Any  # next_batch(), state_dict(), load_state_dict(state), close()
+
+    def next_batch(self) -> AnyBatch:
+        return self.loader.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class CausalLM(LoaderObjective):
     """Next-token prediction on a prepared corpus: pretraining's objective."""
 
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = staticmethod(cross_entropy)
@@ -113,9 +132,6 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.sample_tokens = sample_tokens
 
-    def next_batch(self) -> Batch:
-        return self.loader.next_batch()
-
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return self._loss(model, batch)
 
@@ -139,12 +155,3 @@ class CausalLM:
             text = complete(step.model, self.tokenizer, "def ", self.sample_tokens, temperature=0.8, top_k=50,
                             seed=at_step, dtype=step.dtype)  # fmt: skip
         return [f"sample: def {text!r}"]
-
-    def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
-
-    def close(self) -> None:
-        self.loader.close()

@@ -20,6 +20,7 @@ from lmforge.data.sft import CHAT_TOKENS, IGNORE_INDEX, SFTLoader
 from lmforge.infer.generate import generate
 from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.runtime import autocast
+from lmforge.train.objective import LoaderObjective
 
 if TYPE_CHECKING:
     from lmforge.train.step import TrainStep
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 Rows = tuple[Tensor, Tensor, Tensor]  # (inputs, targets, doc_ids), each (B, T)
 
 
-class SupervisedFineTuning:
+class SupervisedFineTuning(LoaderObjective):
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None
     by_targets = True  # how many targets a row has varies (prompts, masks)
 
@@ -36,9 +37,6 @@ class SupervisedFineTuning:
         self.loader, self.val_data = loader, val_data
         self.fused_loss, self.packing = fused_loss, packing
         self.tokenizer, self.sample_tokens = tokenizer, sample_tokens
-
-    def next_batch(self) -> tuple[Tensor, ...]:
-        return self.loader.next_batch()
 
     def loss(self, model: nn.Module, batch: Rows) -> Tensor:
         inputs, targets, doc_ids = batch
@@ -86,12 +84,3 @@ class SupervisedFineTuning:
             )
         answer = self.tokenizer.decode([i for i in ids if i != end])
         return [f"sample: {self.tokenizer.decode(prompt)[-60:]!r} -> {answer!r}"]
-
-    def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
-
-    def close(self) -> None:
-        self.loader.close()
