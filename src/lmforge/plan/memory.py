@@ -172,8 +172,9 @@ def activation_bytes(
             # the gradients of the hidden state and the head, and 1 / the number of targets
             other += tokens * stream + 4 * V * D + 4
         else:
-            # the head's input, the fp32 log-softmax, the targets (int64) and nll_loss's total weight
-            other += tokens * (c * D + 4 * math.ceil(V / tp) * tp + 8) + 4
+            # the head's input, the fp32 log-softmax, the targets (int64), nll_loss's total weight and
+            # the number of targets the mean divides by (int64; lmforge.ops.cross_entropy)
+            other += tokens * (c * D + 4 * math.ceil(V / tp) * tp + 8) + 4 + 8
             if c != p:  # autocast's bf16 copy of the head's weight
                 other += c * math.ceil(V / tp) * D
     return ActivationBytes(saved_blocks, per_block, other)
