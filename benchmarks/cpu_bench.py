@@ -17,19 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.bench import bench
-from lmforge.models import model_config
+from lmforge.models import model_config, spec_of
 
 
 def bench_hf_llama(batch_size: int, seq_len: int, steps: int, warmup: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ours = model_config("llama", "tiny", max_seq_len=seq_len)
-    config = LlamaConfig(
-        vocab_size=ours.vocab_size, hidden_size=ours.dim, intermediate_size=ours.ffn_hidden,
-        num_hidden_layers=ours.n_layers, num_attention_heads=ours.n_heads, num_key_value_heads=ours.n_kv_heads,
-        max_position_embeddings=seq_len, rms_norm_eps=ours.norm_eps, rope_theta=ours.rope_theta,
-        tie_word_embeddings=ours.tie_embeddings, attn_implementation="sdpa",
-    )  # fmt: skip
+    # The family's own Hugging Face map (lmforge.models.llama.hf): the same shape, RoPE base, norm eps.
+    config = LlamaConfig(**spec_of(ours).hf.config_to_hf(ours), attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)

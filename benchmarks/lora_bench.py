@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lmforge.adapt.lora import apply_lora
 from lmforge.bench import bench
 from lmforge.config import LoraConfig
-from lmforge.models import build_model, model_config
+from lmforge.models import build_model, model_config, spec_of
 
 SHAPES = {"tiny": (8, 256), "124m": (2, 512)}
 TARGETS_OURS = ["wq", "wk", "wv", "wo"]
@@ -39,12 +39,8 @@ def hf_step_fn(flavor: str, batch_size: int, seq_len: int, lora: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ours = model_config("llama", flavor, max_seq_len=seq_len)
-    config = LlamaConfig(
-        vocab_size=ours.vocab_size, hidden_size=ours.dim, intermediate_size=ours.ffn_hidden,
-        num_hidden_layers=ours.n_layers, num_attention_heads=ours.n_heads, num_key_value_heads=ours.n_kv_heads,
-        max_position_embeddings=seq_len, rms_norm_eps=ours.norm_eps, rope_theta=ours.rope_theta,
-        tie_word_embeddings=ours.tie_embeddings, attn_implementation="sdpa",
-    )  # fmt: skip
+    # The family's own Hugging Face map (lmforge.models.llama.hf): the same shape, RoPE base, norm eps.
+    config = LlamaConfig(**spec_of(ours).hf.config_to_hf(ours), attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     if lora:

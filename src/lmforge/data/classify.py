@@ -33,6 +33,7 @@ import torch
 
 from lmforge.data.builtin import STDLIB_PACKAGES, package_examples
 from lmforge.data.errors import DataError
+from lmforge.data.loader import ShuffledStream
 from lmforge.data.prepare import _val_score, _write_json_atomic
 from lmforge.data.sources import list_files
 from lmforge.data.tokenizer import load_tokenizer, special_ids, tokenizer_sha256
@@ -199,23 +200,11 @@ class ClassifyLoader:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         self.consumed = 0
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch, self._perm = (
-                epoch,
-                np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)),
-            )
-        return self._perm
+        self._order = ShuffledStream(seed, len(self.dataset))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = len(self.dataset)
         start = self.consumed + self.rank * self.batch_size
-        indices = []
-        for position in range(start, start + self.batch_size):
-            epoch, offset = divmod(position, n)
-            indices.append(int(self._permutation(epoch)[offset]))
+        indices = [self._order[position] for position in range(start, start + self.batch_size)]
         self.consumed += self.batch_size * self.world_size
         return _with_labels(self.dataset, indices, self.seq_len, self.pad_id)
 

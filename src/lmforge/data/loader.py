@@ -106,6 +106,22 @@ class TokenDataset:
         return out
 
 
+class ShuffledStream:
+    """Item `position` of an endless stream over n items: epoch position // n visits them in the
+    permutation seeded by (seed, epoch). One epoch's permutation is cached (a batch spans at most
+    two). The example loaders of fine-tuning (lmforge.data.sft, lmforge.data.classify) read it."""
+
+    def __init__(self, seed: int, n: int):
+        self.seed, self.n = seed, n
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self._perm[offset])
+
+
 def _to_batch(windows: np.ndarray, pin_memory: bool) -> Batch:
     x = torch.from_numpy(windows)  # (B, T+1)
     inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # (B, T) each

@@ -45,6 +45,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from lmforge.data.builtin import STDLIB_DOCSTRINGS, docstring_examples
 from lmforge.data.errors import DataError
+from lmforge.data.loader import ShuffledStream
 from lmforge.data.prepare import _val_score, _write_json_atomic
 from lmforge.data.sources import list_files
 from lmforge.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_sha256
@@ -311,21 +312,12 @@ class SFTLoader:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.packing, self.pad_id = rank, world_size, packing, pad_id
         self.consumed = 0  # examples of the global stream used by the batches handed out
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # one epoch's order cached: a batch spans at most two
-            self._epoch, self._perm = (
-                epoch,
-                np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)),
-            )
-        return self._perm
+        self._order = ShuffledStream(seed, len(self.dataset))
 
     def _stream(self, start: int) -> Iterator[int]:
         position = start
         while True:
-            epoch, offset = divmod(position, len(self.dataset))
-            yield int(self._permutation(epoch)[offset])
+            yield self._order[position]
             position += 1
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
