@@ -17,7 +17,6 @@ from lmforge.data.errors import DataError
 from lmforge.evaluate.classify import accuracy_and_macro_f1
 from lmforge.models import build_model, model_config
 from lmforge.rundir import checkpoint_weights, latest_checkpoint
-from lmforge.train.pretrain import pretrain
 
 QUIET = {"progress": False, "tensorboard": False, "plot": False}
 
@@ -95,15 +94,6 @@ def test_the_head_reads_the_right_token_and_ignores_padding(family):
         alone, with_pads = model(ids), model(padded, pad_mask=mask)
     assert alone.shape == (1, 3)
     assert (alone - with_pads).abs().max() < 1e-5
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, session_debug_config) -> Path:
-    out = tmp_path_factory.mktemp("base") / "run"
-    pretrain(
-        session_debug_config(train={"max_steps": 4, "eval_every": 0, "sample_tokens": 0}, logging=QUIET), out
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,6 @@ from lmforge.train.pretrain import pretrain
 QUIET = {"progress": False, "tensorboard": False, "plot": False}
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, session_debug_config) -> Path:
-    """A debug llama trained 6 steps: the model every test here fine-tunes."""
-    out = tmp_path_factory.mktemp("base") / "run"
-    cfg = session_debug_config(train={"max_steps": 6, "eval_every": 0, "sample_tokens": 0}, logging=QUIET)
-    pretrain(cfg, out)
-    return out
-
-
 def finetune(debug_config, base_run: Path, out: Path, steps: int = 4, **sections) -> Path:
     train = {
         "max_steps": steps,

@@ -152,15 +152,6 @@ def test_padding_puts_one_example_per_row(sft_data):
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, session_debug_config) -> Path:
-    out = tmp_path_factory.mktemp("base") / "run"
-    pretrain(
-        session_debug_config(train={"max_steps": 4, "eval_every": 0, "sample_tokens": 0}, logging=QUIET), out
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
 def examples_file(tmp_path_factory) -> Path:
     return write_examples(tmp_path_factory.mktemp("examples") / "train.jsonl", n=80)
 
