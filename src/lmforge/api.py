@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge.adapt.lora import merge_lora
+from lmforge.config import load_config
 from lmforge.data.errors import DataError
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.models import FamilyModel, spec_of
@@ -29,6 +30,10 @@ def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple
     """`load` of a checkpoint directory that lmforge.rundir.resolve_checkpoint already verified
     (reading every file's sha256 once is enough)."""
     model = meta_model(ckpt_dir)  # no memory spent on an init that is overwritten
+    if load_config(ckpt_dir / "config.yaml").compress.quantize:  # an artifact of `lmforge compress quantize`
+        from lmforge.compress.quantize import load_quantized
+
+        return load_quantized(model, ckpt_dir, torch.device(device)).eval(), load_tokenizer(ckpt_dir / "tokenizer.json")
     model.to_empty(device=device)
     model.init_weights()  # also fills the buffers that are not saved (e.g. RoPE tables)
     load_model_weights(model, ckpt_dir / "model")
@@ -86,7 +91,6 @@ def evaluate_text(
             batches.append((windows[:, :-1].contiguous(), windows[:, 1:].contiguous()))  # (B, T) each
     dtype = run_precision(ckpt_dir, dev)
     if spec_of(model).encoder:  # masked LM on the text: loss and accuracy at the masked positions
-        from lmforge.config import load_config
         from lmforge.data.mlm import Masker
         from lmforge.evaluate.mlm import evaluate_masked_lm
 

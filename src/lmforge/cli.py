@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -74,8 +74,17 @@ def generate(
     seed: int | None = None,
     device: str = "auto",
     chat: bool = False,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | str | None = None,
+    compile: bool = False,
+    draft: str | None = None,
+    draft_tokens: int = 4,
+    input: str | None = None,
+    output: str | None = None,
+    batch_size: int = 8,
 ) -> None:
-    """Stream text from a trained model (uses the KV cache).
+    """Stream text from a trained model (uses the KV cache), or complete every prompt of a JSONL file.
 
     Args:
         run: Run directory (its newest checkpoint) or checkpoint directory.
@@ -87,16 +96,47 @@ def generate(
         seed: Sampling seed (default: random).
         device: auto, cpu, cuda or cuda:N.
         chat: The prompt is a user message: render it in the model's chat template (a model fine-tuned with data.task sft) and print the assistant's answer.
+        min_p: Sample among the tokens at least this fraction as likely as the most likely one.
+        repetition_penalty: Above 1, tokens already in the prompt or the output become less likely (1: off).
+        stop: A string that ends the text (not shown), or a JSON list of them: --stop '["\\n\\n", "def "]'.
+        compile: torch.compile the decode step (pays for long generations and batches).
+        draft: Speculative decoding (greedy): a smaller run with the same tokenizer proposes tokens; prints the acceptance rate.
+        draft_tokens: Tokens the draft proposes per step of the model.
+        input: A JSONL file with a "prompt" per line: write one completion per line to --output.
+        output: The JSONL file of completions (resumes where it stopped; under torchrun the ranks split the prompts).
+        batch_size: Prompts generated together with --input.
     """
     from lmforge.api import load_checkpoint
+    from lmforge.infer import generate as generate_module
     from lmforge.infer.generate import check_sampling_args
-    from lmforge.infer.generate import generate as generate_ids
+    from lmforge.infer.stop import TextStream
     from lmforge.models import spec_of
     from lmforge.rundir import resolve_checkpoint, run_precision
     from lmforge.runtime import resolve_device
 
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)  # before loading: a typo costs nothing
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    # Before loading: a typo costs nothing.
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, stop)
+    if (input is None) != (output is None):
+        raise ConfigError("--input and --output go together: prompts in, completions out")
+    if input is not None and prompt:
+        raise ConfigError("--prompt and --input: give one prompt, or a file of them")
+    if draft is not None and (temperature != 0 or input is not None or min_p or repetition_penalty != 1.0):
+        raise ConfigError(
+            "--draft verifies the draft's tokens greedily: use it with --temperature 0, without --min-p, "
+            "--repetition-penalty or --input"
+        )
+    if draft is not None and draft_tokens < 1:
+        raise ConfigError(f"--draft-tokens must be >= 1, got {draft_tokens}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and input is None:
+        raise ConfigError("under torchrun, generate needs --input and --output (each rank takes a share)")
     dev = resolve_device(device)
+    if world_size > 1:
+        from lmforge.parallel.mesh import init_distributed, local_device
+
+        dev = local_device(dev)
+        init_distributed(dev, timeout_s=1800)
     ckpt_dir = resolve_checkpoint(run)
     model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
     if spec_of(model).encoder:
@@ -105,28 +145,124 @@ def generate(
         )
     dtype = run_precision(ckpt_dir, dev)
     eos_id = tokenizer.token_to_id("<|eos|>")
-    prompt_ids = tokenizer.encode(prompt).ids
     if chat:
         from lmforge.data.sft import CHAT_TOKENS, render
 
-        prompt_ids, _ = render([{"role": "user", "content": prompt}], tokenizer, generation_prompt=True)
         eos_id = tokenizer.token_to_id(CHAT_TOKENS[1])  # the assistant's turn ends there
-    else:
+
+    def encode(text: str) -> list[int]:
+        if chat:  # the text is a user message: the model answers it in its chat template
+            return render([{"role": "user", "content": text}], tokenizer, generation_prompt=True)[0]
+        return tokenizer.encode(text).ids
+
+    if input is not None and output is not None:
+        from lmforge.infer.sampling import SamplingParams
+
+        params = SamplingParams(
+            max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, tuple(stop), seed
+        )
+        _generate_file(model, tokenizer, params, input, output, batch_size, eos_id, encode, dtype, compile)
+        return
+
+    if draft is not None:
+        draft_model, draft_tokenizer = load_checkpoint(resolve_checkpoint(draft), device=dev)
+        if spec_of(draft_model).encoder or draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(
+                f"the draft {draft} is not a decoder with the tokenizer of {run}: speculative decoding needs one"
+            )
+    prompt_ids = encode(prompt)
+    if not chat:
         print(prompt, end="", flush=True)
-    ids: list[int] = []
-    shown = ""
-    for token_id in generate_ids(
-        model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id, dtype
-    ):
+    stats = None
+    started = time.perf_counter()
+    if draft is not None:
+        from lmforge.infer.speculative import SpeculativeStats, speculative_generate
+
+        stats = SpeculativeStats()
+        tokens = speculative_generate(
+            model, draft_model, prompt_ids, max_new_tokens, draft_tokens, eos_id, dtype, stats, compile=compile
+        )
+    else:
+        # The options left at their defaults are not passed: a call with only the classic arguments
+        # stays exactly that.
+        options: dict[str, Any] = {}
+        if min_p is not None:
+            options["min_p"] = min_p
+        if repetition_penalty != 1.0:
+            options["repetition_penalty"] = repetition_penalty
+        if compile:
+            options["compile"] = True
+        tokens = generate_module.generate(
+            model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id, dtype, **options
+        )
+    stream = TextStream(tokenizer.decode, stop)
+    for token_id in tokens:
         if token_id == eos_id:
             break
-        ids.append(token_id)
-        # Decode the whole continuation: a byte-level token can end inside a UTF-8 character.
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
-    print()
+        print(stream.push(token_id), end="", flush=True)
+        if stream.stopped:
+            break
+    print(stream.finish())
+    if stats is not None:
+        seconds = time.perf_counter() - started
+        print(
+            f"speculative decoding: acceptance rate {stats.acceptance_rate:.3f} "
+            f"({stats.accepted}/{stats.proposed} draft tokens), "
+            f"{stats.tokens_per_target_forward:.2f} tokens per forward of the model, "
+            f"{stats.new_tokens / seconds:.1f} tokens/s",
+            file=sys.stderr,
+        )
+
+
+def _generate_file(
+    model, tokenizer, params, input: str, output: str, batch_size: int, eos_id: int | None, encode, dtype,
+    compile: bool,
+) -> None:  # fmt: skip
+    """`generate --input`: every prompt of the file; under torchrun this rank's share (rank 0 merges)."""
+    import torch.distributed as dist
+
+    from lmforge.infer.files import generate_file
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world_size > 1 else 0
+    try:
+        summary = generate_file(
+            model, tokenizer, input, output, params, batch_size=batch_size, eos_id=eos_id, encode=encode,
+            dtype=dtype, compile=compile, rank=rank, world_size=world_size,
+            barrier=dist.barrier if world_size > 1 else lambda: None,
+        )  # fmt: skip
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(summary))
+
+
+def serve(
+    run: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    device: str = "auto",
+    compile: bool = False,
+) -> None:
+    """Serve a model over HTTP with OpenAI's completions API, batching concurrent requests (docs/serve.md).
+
+    Args:
+        run: Run directory (its newest checkpoint) or checkpoint directory; the model's name is the run's.
+        host: Address to listen on (0.0.0.0: every interface).
+        port: Port to listen on (0: any free port; the line printed when ready names it).
+        max_batch: Requests decoded together at most (rows of the KV cache); more wait for a free row.
+        device: auto, cpu, cuda or cuda:N.
+        compile: torch.compile the decode step (compiled at start-up).
+    """
+    try:
+        from lmforge.serve.server import serve as run_server
+    except ImportError as err:
+        raise ConfigError(
+            f"lmforge serve needs FastAPI and uvicorn ({err.name} is missing): pip install 'lmforge[serve]'"
+        ) from None
+    run_server(run, host, port, max_batch, device, compile)
 
 
 def evaluate(
@@ -136,8 +272,12 @@ def evaluate(
     batches: int = 50,
     batch_size: int = 8,
     device: str = "auto",
+    tasks: str | None = None,
+    include_path: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
 ) -> None:
-    """Print the loss, perplexity and bits per byte of a trained model (one JSON line).
+    """Print the loss, perplexity and bits per byte of a trained model, or its scores on lm-evaluation-harness tasks (one JSON line).
 
     Args:
         run: Run directory (its newest checkpoint) or checkpoint directory.
@@ -146,7 +286,27 @@ def evaluate(
         batches: Batches to average over (the first ones, in order).
         batch_size: Sequences per batch.
         device: auto, cpu, cuda or cuda:N.
+        tasks: lm-evaluation-harness tasks, NAME[,NAME]: lmforge's own (stdlib_mc, stdlib_ppl, stdlib_gen), those of --include-path, or lm-eval's (hellaswag, ...: their datasets need a network). Needs pip install 'lmforge[eval]'.
+        include_path: A folder of task YAML files for --tasks.
+        limit: With --tasks: the first N documents of each task.
+        num_fewshot: With --tasks: examples before each question (default: each task's own).
     """
+    if tasks is None and (include_path, limit, num_fewshot) != (None, None, None):
+        raise ConfigError("--include-path, --limit and --num-fewshot go with --tasks")
+    if tasks is not None:
+        if data is not None:
+            raise ConfigError("eval takes --data or --tasks, not both")
+        try:
+            from lmforge.harness import evaluate_tasks
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith(("lm_eval", "datasets")):
+                raise
+            raise ConfigError(
+                "--tasks needs EleutherAI's lm-evaluation-harness: pip install 'lmforge[eval]'"
+            ) from None
+        names = [name.strip() for name in tasks.split(",") if name.strip()]
+        print(json.dumps(evaluate_tasks(run, names, include_path, limit, num_fewshot, batch_size, device)))
+        return
     from lmforge.api import evaluate_text, load_checkpoint
     from lmforge.config import load_config
     from lmforge.data.classify import val_examples
@@ -255,17 +415,36 @@ def _read_texts(path: Path) -> list[str]:
     return texts
 
 
-def export(run: str, out: str | None = None, format: Literal["lmforge", "hf", "peft"] = "lmforge") -> None:
+def export(
+    run: str,
+    out: str | None = None,
+    format: Literal["lmforge", "hf", "peft", "gguf"] = "lmforge",
+    outtype: Literal["f32", "bf16", "q8_0"] = "f32",
+) -> None:
     """Gather a checkpoint (written by any layout) into one safetensors file with its config and tokenizer.
 
     Args:
         run: Run directory (its newest checkpoint) or checkpoint directory.
-        out: Output directory (default: RUN/export, RUN/export-hf or RUN/export-peft).
-        format: lmforge (model.safetensors, config.yaml, tokenizer.json), hf (a Hugging Face transformers model directory: AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer load it) or peft (a LoRA run's adapters alone, as PEFT saves them). lmforge and hf write a LoRA run merged.
+        out: Output directory (default: RUN/export, RUN/export-hf or RUN/export-peft); for gguf the output file (default: RUN/model-OUTTYPE.gguf; for a checkpoint directory RUN/model-step_N-OUTTYPE.gguf).
+        format: lmforge (model.safetensors, config.yaml, tokenizer.json), hf (a Hugging Face transformers model directory: AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer load it), peft (a LoRA run's adapters alone, as PEFT saves them) or gguf (one file for llama.cpp, Ollama and LM Studio; needs the gguf package). lmforge, hf and gguf write a LoRA run merged.
+        outtype: gguf's weight type: f32 (exact), bf16, or q8_0 (8-bit blocks, about a quarter of f32); norms stay f32.
     """
     from lmforge.rundir import export_checkpoint, resolve_checkpoint
 
     ckpt_dir = resolve_checkpoint(run)
+    if format != "gguf" and outtype != "f32":
+        raise ConfigError(f"--outtype {outtype} is for --format gguf")
+    if format == "gguf":
+        from lmforge.gguf import export_gguf
+
+        default = Path(run) / f"model-{outtype}.gguf"
+        if ckpt_dir == Path(run):  # never into the checkpoint: a file its manifest lacks fails its check
+            home = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir.parent
+            default = home / f"model-{ckpt_dir.name}-{outtype}.gguf"
+        path = export_gguf(ckpt_dir, Path(out) if out else default, outtype)
+        record = {"exported": str(path), "format": format, "outtype": outtype, "bytes": path.stat().st_size}
+        print(json.dumps(record))
+        return
     out_dir = (
         Path(out)
         if out
@@ -322,6 +501,128 @@ def finetune(
     pretrain(config, out, resume, resume_from)
 
 
+def _required(value, option: str):
+    """`value` of a required option that the CLI declares optional (so that it is `--name`, not positional)."""
+    if value is None:
+        raise ConfigError(f"this command needs {option}")
+    return value
+
+
+def compress_quantize(
+    run: str,
+    scheme: Literal["int8-weight", "int8-dynamic", "int4-weight", "float8-weight"] | None = None,
+    out: str | None = None,
+    group_size: int | None = None,
+) -> None:
+    """Quantize a checkpoint's linear layers (torchao) into a new run directory.
+
+    Args:
+        run: Run directory (its newest checkpoint) or checkpoint directory.
+        scheme: int8-weight (int8 weights, per channel), int8-dynamic (int8 weights and per-token int8 activations), int4-weight (4-bit weights per group) or float8-weight (float8 e4m3 weights, per channel; needs a GPU that computes float8).
+        out: The run directory to write; generate, eval and lmforge.load read it.
+        group_size: Weights per int4 group (default: the run's qat.group_size, else 32).
+    """
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.rundir import resolve_checkpoint
+
+    scheme, out = (
+        _required(scheme, "--scheme int8-weight|int8-dynamic|int4-weight|float8-weight"),
+        _required(out, "--out DIR"),
+    )
+    path = quantize_run(resolve_checkpoint(run), scheme, Path(out), group_size)
+    print(json.dumps({"quantized": str(path), "scheme": scheme}))
+
+
+def compress_prune(
+    run: str,
+    method: Literal["magnitude", "heads-channels", "2:4"] | None = None,
+    out: str | None = None,
+    sparsity: float = 0.5,
+    scope: Literal["global", "layer"] = "global",
+    calibration_batches: int = 8,
+    recover_steps: int = 0,
+    recover_distill: bool = False,
+) -> None:
+    """Prune a checkpoint into a new run directory, optionally with a recovery fine-tune.
+
+    Args:
+        run: Run directory (its newest checkpoint) or checkpoint directory.
+        method: magnitude (the smallest weights of the linear layers set to zero), heads-channels (whole attention heads and MLP channels removed by their activation importance on calibration batches: the matrices shrink) or 2:4 (two of every four consecutive weights zero).
+        out: The run directory to write.
+        sparsity: Fraction to remove: of the weights (magnitude), of the attention heads (whole kv groups: a key/value head with its query heads) and of the MLP channels in every layer (heads-channels, rounded half up); 2:4 is always 0.5.
+        scope: magnitude: one threshold over all the linear layers (global) or the same fraction in each (layer).
+        calibration_batches: Batches of the run's training data that score heads and channels (heads-channels).
+        recover_steps: Fine-tune the pruned model for this many steps on the run's data, its masks kept (0: none).
+        recover_distill: The recovery fine-tune distills from the unpruned model (distill section) instead of plain cross-entropy.
+    """
+    from lmforge.compress.prune import prune_checkpoint, prune_for_recovery, recovery_config
+    from lmforge.rundir import resolve_checkpoint
+
+    method, out = _required(method, "--method magnitude|heads-channels|2:4"), _required(out, "--out DIR")
+    if recover_distill and not recover_steps:
+        raise ConfigError("--recover-distill goes with --recover-steps N")
+    source = resolve_checkpoint(run)
+    if not recover_steps:
+        print(json.dumps(prune_checkpoint(source, method, Path(out), sparsity, scope, calibration_batches)))
+        return
+    # The pruned model is OUT/base; OUT is a fine-tuning run from it (training: the CLI's to start,
+    # as lmforge.compress does not import lmforge.train). Run again, it resumes.
+    from lmforge.train.pretrain import pretrain as train
+
+    base = prune_for_recovery(source, method, Path(out), sparsity, scope, calibration_batches)
+    result = train(recovery_config(source, base, recover_steps, recover_distill), out, "auto")
+    print(json.dumps({"pruned": str(base), "method": method, "recovered": result}))
+
+
+def compress_report(
+    runs: list[str], out: str | None = None, device: str = "cpu", rounds: int = 3, new_tokens: int = 128
+) -> None:
+    """The trade-off table and Pareto plot of a baseline and its compressed variants.
+
+    Args:
+        runs: The baseline run first, then the variants (run or checkpoint directories).
+        out: Directory for report.md, report.json and pareto.png.
+        device: Where speed is measured: cpu, cuda or auto.
+        rounds: Alternated rounds of the speed measurements (the median is reported).
+        new_tokens: Tokens each batch-1 generation decodes.
+    """
+    import platform
+    import time
+
+    import torch
+
+    from lmforge.api import load_checkpoint
+    from lmforge.compress.report import measure, write_report
+    from lmforge.runtime import resolve_device
+
+    out = _required(out, "--out DIR")
+    dev = resolve_device(device)
+    if rounds < 1 or new_tokens < 1:
+        raise ConfigError(f"--rounds and --new-tokens must be >= 1, got {rounds} and {new_tokens}")
+    variants = measure([Path(r) for r in runs], load_checkpoint, dev, rounds=rounds, new_tokens=new_tokens)
+    context = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quality": "fp32, the baseline's validation windows (20 batches of 4)",
+        "speed": f"eval: one forward of 4 windows; decode: batch 1, greedy, 32-token prompt, {new_tokens} new "
+        f"tokens; median of {rounds} alternated rounds (min-max)",
+    }
+    files = write_report(variants, Path(out), context)
+    print((Path(out) / "report.md").read_text(), end="")
+    print(json.dumps({name: str(path) for name, path in files.items()}))
+
+
+DISTILL_HELP = (
+    "Train a student by distillation: lmforge compress distill --teacher RUN --config FILE --out DIR "
+    "[--distill.alpha A --distill.temperature T ...]. The student is the config's model section (any "
+    "family or size) on the teacher's tokenizer; see docs/compress.md."
+)
+
+
 FINETUNE_HELP = (
     "Fine-tune a model: lmforge finetune --config FILE --out DIR --init RUN_OR_CHECKPOINT "
     "[--resume [auto] | --resume-from CKPT] [--section.key=value ...]. The model and tokenizer are "
@@ -331,7 +632,8 @@ FINETUNE_HELP = (
 PRETRAIN_HELP = (
     "Pretrain a model: lmforge pretrain --config FILE --out DIR [--resume [auto] | --resume-from CKPT] "
     "[--section.key=value ...]. "
-    "Sections: model, data, optim, schedule, train, checkpoint, logging, parallel, freeze, lora."
+    "Sections: model, data, optim, schedule, train, checkpoint, logging, parallel, freeze, lora, "
+    "qat, sparsity, distill."
 )
 
 
@@ -514,6 +816,9 @@ def build_parser() -> ArgumentParser:
     data_commands.add_subcommand("prepare", _function_parser(prepare), help="Tokenize a corpus into shards.")
     commands.add_subcommand("generate", _function_parser(generate, positional=True), help="Generate text.")
     commands.add_subcommand(
+        "serve", _function_parser(serve, positional=True), help="OpenAI-compatible completions server."
+    )
+    commands.add_subcommand(
         "eval", _function_parser(evaluate, positional=True), help="Validation loss/perplexity."
     )
     commands.add_subcommand(
@@ -537,10 +842,39 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand(
         "plan", _function_parser(plan), help="Memory and throughput of layouts for a model on a cluster."
     )
+    compress_parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)
+    commands.add_subcommand(
+        "compress", compress_parser, help="Quantize, prune, distill; the trade-off report."
+    )
+    compress_commands = compress_parser.add_subcommands(dest="compress_command")
+    compress_commands.add_subcommand(
+        "quantize", _function_parser(compress_quantize, positional=True), help="Quantize a model (torchao)."
+    )
+    compress_commands.add_subcommand(
+        "prune", _function_parser(compress_prune, positional=True), help="Prune a model."
+    )
+    distill_parser = _training_parser(DISTILL_HELP)
+    distill_parser.add_argument("--teacher", type=str, help="The teacher: a run directory or checkpoint.")
+    compress_commands.add_subcommand("distill", distill_parser, help="Train a student from a teacher.")
+    report_parser = ArgumentParser(
+        exit_on_error=False, allow_abbrev=False, description=(compress_report.__doc__ or "").split("\n")[0]
+    )
+    report_parser.add_argument("runs", nargs="+", help="The baseline run first, then the variants.")
+    report_parser.add_argument("--out", type=str, help="Directory for report.md, report.json, pareto.png.")
+    report_parser.add_argument(
+        "--device", type=str, default="cpu", help="Where speed is measured: cpu, cuda or auto."
+    )
+    report_parser.add_argument(
+        "--rounds", type=int, default=3, help="Alternated rounds of the speed measurements."
+    )
+    report_parser.add_argument(
+        "--new_tokens", type=int, default=128, help="Tokens each batch-1 generation decodes."
+    )
+    compress_commands.add_subcommand("report", report_parser, help="Trade-off table and plot.")
     return parser
 
 
-SWITCHES = ("--json", "--chat")  # boolean options that may be given alone
+SWITCHES = ("--json", "--chat", "--compile", "--recover-distill")  # boolean options that may be given alone
 
 
 def _normalize(argv: list[str]) -> list[str]:
@@ -549,7 +883,8 @@ def _normalize(argv: list[str]) -> list[str]:
     out = []
     for index, arg in enumerate(argv):
         following = argv[index + 1] if index + 1 < len(argv) else None
-        if arg in SWITCHES and (following is None or following.lower() not in ("true", "false")):
+        # A switch followed by another option or by nothing; a value after it is parsed (and checked) as one.
+        if arg in SWITCHES and (following is None or following.startswith("-")):
             arg = f"{arg}=true"  # a switch alone: `plan --json`, `generate --chat`
         if arg.startswith("--") and "." not in arg.split("=", 1)[0]:
             name, eq, value = arg.partition("=")
@@ -610,9 +945,13 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
     if command == "data":
         prepare(**sub.prepare.as_dict())
         return
+    if command == "compress":
+        _dispatch_compress(parser, sub)
+        return
     functions: dict[str, Callable[..., object]] = {
         "quickstart": quickstart,
         "generate": generate,
+        "serve": serve,
         "eval": evaluate,
         "bench": bench,
         "export": export,
@@ -625,6 +964,42 @@ def _dispatch(parser: ArgumentParser, argv: list[str]) -> None:
     result = functions[command](**kwargs)
     if command == "bench":
         print(json.dumps(result))
+
+
+def _dispatch_compress(parser: ArgumentParser, sub) -> None:
+    name = sub.compress_command
+    if name == "distill":
+        assert parser._subcommands_action is not None  # noqa: SLF001 - build_parser added the subcommands
+        compress_parser = parser._subcommands_action._name_parser_map["compress"]  # noqa: SLF001
+        assert compress_parser._subcommands_action is not None  # noqa: SLF001
+        values = compress_parser._subcommands_action._name_parser_map["distill"].instantiate(sub.distill)  # noqa: SLF001
+        compress_distill(
+            namespace_to_config(values), values.out, values.teacher, values.resume, values.resume_from
+        )
+        return
+    functions: dict[str, Callable[..., object]] = {
+        "quantize": compress_quantize,
+        "prune": compress_prune,
+        "report": compress_report,
+    }
+    kwargs = sub[name].as_dict()
+    kwargs.pop("config", None)
+    functions[name](**kwargs)  # report: its parser's keys are the function's arguments too
+
+
+def compress_distill(
+    config: RunConfig, out: str, teacher: str | None, resume: str = "no", resume_from: str | None = None
+) -> None:
+    """`pretrain` of the config's model with the distill section's teacher (--teacher sets distill.teacher)."""
+    from dataclasses import replace
+
+    if teacher is not None:
+        config = replace(config, distill=replace(config.distill, teacher=teacher))
+    if config.distill.teacher is None:
+        raise ConfigError(
+            "compress distill needs --teacher RUN_OR_CHECKPOINT: the model the student learns from"
+        )
+    pretrain(config, out, resume, resume_from)
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:

@@ -287,6 +287,76 @@ class LoraConfig:
 
 
 @dataclass
+class QatConfig:
+    """Quantization-aware training: the linear layers' weights (and activations, for int8-dynamic) are
+    fake-quantized in the forward pass, so training learns weights that survive the scheme;
+    `lmforge compress quantize` then converts the run with the same scheme and group size.
+
+    Args:
+        scheme: none, int4-weight (4-bit weights, per group) or int8-dynamic (int8 weights per channel, int8 activations per token).
+        group_size: Weights per quantization group (int4-weight).
+    """
+
+    scheme: Literal["none", "int4-weight", "int8-dynamic"] = "none"
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.group_size in (16, 32, 64, 128, 256), "qat.group_size", "one of 16, 32, 64, 128, 256",
+                 self.group_size)  # fmt: skip
+
+
+@dataclass
+class SparsityConfig:
+    """Pruning masks kept through training (the recovery fine-tune of a pruned model).
+
+    Args:
+        keep_zeros: Weights of the linear layers that are exactly zero in train.init stay zero: their gradients are masked, so the pruned pattern survives every optimizer step.
+    """
+
+    keep_zeros: bool = False
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015): the loss is (1 - alpha) * cross-entropy + alpha *
+    T^2 * KL(teacher || student) at temperature T. The teacher runs in inference mode, never updated.
+
+    Args:
+        teacher: Run directory or checkpoint of the teacher (same tokenizer; any family or size); None: no distillation.
+        alpha: Weight of the distillation term, in [0, 1].
+        temperature: Softmax temperature T of both distributions in the KL term.
+    """
+
+    teacher: str | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.alpha <= 1.0, "distill.alpha", "in [0, 1]", self.alpha)
+        _require(self.temperature > 0, "distill.temperature", "> 0", self.temperature)
+
+
+@dataclass
+class CompressConfig:
+    """What `lmforge compress` did to make a run's model (written by it, read by the load path and the
+    report; a recipe leaves it empty).
+
+    Args:
+        quantize: The quantization scheme of the saved weights (int8-weight, int8-dynamic, int4-weight, float8-weight); None: plain weights.
+        group_size: Weights per quantization group (int4-weight).
+        prune: The pruning method that made the weights (magnitude, heads-channels, 2:4); None: not pruned.
+        sparsity: The pruned fraction that was asked for.
+        source: The checkpoint the compressed model was made from.
+    """
+
+    quantize: str | None = None
+    group_size: int | None = None
+    prune: str | None = None
+    sparsity: float | None = None
+    source: str | None = None
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written.
 
@@ -381,6 +451,10 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def __post_init__(self) -> None:
         for key in ("fused_projections", "float8"):

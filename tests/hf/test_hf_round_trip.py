@@ -47,6 +47,9 @@ CONFIGS = {
     "llama tied MHA": LlamaConfig(
         vocab_size=96, max_seq_len=32, dim=48, n_layers=2, n_heads=3, tie_embeddings=True
     ),  # fmt: skip
+    "llama pruned heads": LlamaConfig(  # lmforge compress prune: 2 heads of 16 are not dim = 64 wide
+        vocab_size=96, max_seq_len=32, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=80, head_dim=16
+    ),  # fmt: skip
     "gpt2": GPT2Config(vocab_size=96, max_seq_len=32, dim=64, n_layers=2, n_heads=4, norm_eps=1e-5),
     "gpt2 without biases": GPT2Config(
         vocab_size=96, max_seq_len=32, dim=48, n_layers=2, n_heads=3, bias=False

@@ -71,7 +71,8 @@ def model_config(family: str, flavor: str, **overrides: object) -> FamilyConfig:
 
     `__post_init__` validation runs again on the result. Derived fields keep the flavor's resolved
     value unless overridden: e.g. overriding a Llama `dim` keeps the flavor's `ffn_hidden`; pass
-    `ffn_hidden=None` to derive it again from the new `dim`.
+    `ffn_hidden=None` to derive it again from the new `dim`. A Llama `head_dim` (stored: a pruned model
+    sets it) is derived again when `dim` or `n_heads` is overridden without it.
     """
     spec = family_spec(family)
     if flavor not in spec.flavors:
@@ -80,6 +81,8 @@ def model_config(family: str, flavor: str, **overrides: object) -> FamilyConfig:
     unknown = sorted(set(overrides) - set(field_names))
     if unknown:
         raise ValueError(f"unknown {spec.config.__name__} field(s) {unknown}; fields are {field_names}")
+    if "head_dim" in field_names and "head_dim" not in overrides and {"dim", "n_heads"} & set(overrides):
+        overrides = {**overrides, "head_dim": None}  # a stored head_dim follows dim / n_heads unless set
     return dataclasses.replace(spec.flavors[flavor], **overrides)  # a new object; runs __post_init__
 
 

@@ -4,9 +4,19 @@ During generation each new token attends to the keys and values of all earlier t
 them every step costs O(T^2) per sequence; caching them makes a decode step O(T). The buffers are
 preallocated once at their maximum length (as in gpt-fast) so that every decode step has the same
 tensor shapes: no reallocation, and `torch.compile` does not recompile as the sequence grows.
+
+Each row of the cache is its own sequence, at its own positions: row b's token at position p is
+written to slot p of row b, and a query at position p sees slots 0..p of its row. Rows of different
+lengths therefore share one batch without padding inside the cache (prompts are right-padded for a
+batched prefill; the pad positions' slots are overwritten by the row's next tokens before any query
+can see them), and a row can be reset and refilled while the others decode (continuous batching:
+`writing_row` below, lmforge.infer.generate.DecodeBatch.prefill_row).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -44,30 +54,79 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.k_cache: Tensor  # (B, n_kv_heads, max_seq_len, head_dim)
         self.v_cache: Tensor  # (B, n_kv_heads, max_seq_len, head_dim)
+        # While set (by `writing_row`), a forward of batch 1 reads and writes this row only: how one
+        # sequence is prefilled into a free row while the other rows keep their state.
+        self.row: int | None = None
 
     @property
     def max_seq_len(self) -> int:
         return self.k_cache.size(2)
 
+    @property
+    def batch_size(self) -> int:
+        return self.k_cache.size(0)
+
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write `k`, `v` at positions `input_pos` and return the whole cache.
 
-        input_pos: (T,) long, absolute positions of the new tokens.
+        input_pos: (T,) long, the same absolute positions for every row, or (B, T), each row its own.
         k, v: (B, n_kv_heads, T, head_dim), cast to the cache's dtype when they differ (e.g. bf16
         activations under autocast written into an fp32 cache).
-        Returns the full buffers (B, n_kv_heads, max_seq_len, head_dim); slots not written yet hold
-        zeros, so the caller must mask them out (see `causal_mask`).
+        Returns the full buffers (B, n_kv_heads, max_seq_len, head_dim) (with `row` set, that row's
+        (1, ...) view); slots not written yet hold zeros or stale values, so the caller must mask
+        them out (see `causal_mask`).
         """
-        # index_copy_ writes in place along the sequence dim; shapes stay static for compile.
-        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
-        return self.k_cache, self.v_cache
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if self.row is not None:
+            # A view of one row: the in-place writes below land in the shared buffers.
+            k_cache, v_cache = k_cache[self.row : self.row + 1], v_cache[self.row : self.row + 1]
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        if input_pos.ndim == 1:
+            # index_copy_ writes in place along the sequence dim; shapes stay static for compile.
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
+        else:
+            # Row b's token t goes to slot input_pos[b, t] of row b. The two index tensors are split
+            # by the heads slice, so the indexed result is laid out (B, T, n_kv_heads, head_dim).
+            rows = torch.arange(k.size(0), device=input_pos.device)[:, None]  # (B, 1)
+            k_cache[rows, :, input_pos] = k.transpose(1, 2)
+            v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return k_cache, v_cache
 
-    def causal_mask(self, input_pos: Tensor) -> Tensor:
-        """Boolean attention mask (T, max_seq_len): True where the query may attend.
+    def causal_mask(self, input_pos: Tensor, n_rep: int = 1) -> Tensor:
+        """Boolean attention mask: True where the query may attend.
 
-        A query at absolute position p sees cache slots 0..p. This both enforces causality within a
-        prefill chunk and hides the not-yet-written (zero) slots beyond the current position.
+        input_pos (T,) -> (n_rep * T, max_seq_len); (B, T) -> (B, 1, n_rep * T, max_seq_len),
+        broadcast over heads. A query at absolute position p sees cache slots 0..p of its row. This
+        both enforces causality within a prefill chunk and hides the slots not written yet (or left
+        from a longer past). n_rep > 1: the rows repeat n_rep times, for queries of n_rep heads that
+        share one key/value head laid out as n_rep * T rows (head-major).
         """
         cache_positions = torch.arange(self.max_seq_len, device=input_pos.device)  # (max_seq_len,)
-        return input_pos[:, None] >= cache_positions[None, :]  # (T, max_seq_len)
+        mask = input_pos[..., None] >= cache_positions  # ([B,] T, max_seq_len)
+        if n_rep > 1:
+            mask = mask.repeat(*([1] * (mask.ndim - 2)), n_rep, 1)  # ([B,] n_rep * T, max_seq_len)
+        return mask if input_pos.ndim == 1 else mask[:, None]
+
+
+def kv_caches(model: nn.Module) -> list[KVCache]:
+    """Every KV cache a model's attention layers hold (none before `setup_kv_cache`)."""
+    return [module for module in model.modules() if isinstance(module, KVCache)]
+
+
+@contextlib.contextmanager
+def writing_row(model: nn.Module, row: int) -> Iterator[None]:
+    """Within the block, a forward of one sequence (batch 1) reads and writes row `row` of every KV
+    cache of `model`, and leaves the other rows as they are."""
+    caches = kv_caches(model)
+    if not caches:
+        raise ValueError("writing_row: the model has no KV cache (call setup_kv_cache first)")
+    if not 0 <= row < caches[0].batch_size:
+        raise ValueError(f"writing_row: row {row} is outside the cache's {caches[0].batch_size} rows")
+    for cache in caches:
+        cache.row = row
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.row = None

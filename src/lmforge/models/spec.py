@@ -86,6 +86,37 @@ class SavedBytes:
 
 
 @dataclass(frozen=True)
+class GGUFShape:
+    """A model's shape as llama.cpp reads it from a GGUF file's metadata (lmforge.gguf writes each
+    field under its GGUF key, `{architecture}.context_length` and so on)."""
+
+    architecture: str  # llama.cpp's architecture ("llama", "qwen3", "gpt2"): the graph it builds
+    context_length: int
+    embedding_length: int
+    block_count: int
+    feed_forward_length: int
+    head_count: int
+    head_count_kv: int
+    norm_eps: float
+    rms_norm: bool  # RMSNorm (layer_norm_rms_epsilon) or LayerNorm (layer_norm_epsilon)
+    rope_freq_base: float | None = None  # None: no RoPE (learned positions)
+    rope_dimension_count: int | None = None
+
+
+@dataclass(frozen=True)
+class GGUFMap:
+    """How a family's models map onto a llama.cpp architecture (the family's hf.py, beside its
+    Hugging Face map): pure functions, lmforge.gguf writes the file. `shape` raises ValueError for a
+    config llama.cpp has no architecture for. `state_to_gguf` gets the checkpoint's names (a tied
+    head under the embedding's name) and returns GGUF's ("blk.0.attn_q.weight") with each tensor in
+    the layout llama.cpp computes with; a 2-D weight stays in nn.Linear's (out, in) layout, which is
+    GGUF's (ne0 = in)."""
+
+    shape: Callable[[Any], GGUFShape]
+    state_to_gguf: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
 class HuggingFaceMap:
     """How a family's models map onto a Hugging Face transformers architecture (the family's hf.py).
 
@@ -107,6 +138,7 @@ class HuggingFaceMap:
     # (out, r) in nn.Linear's layout whatever the module (Conv1D too, with fan_in_fan_out).
     lora_to_hf: Callable[[str, Tensor, Any], tuple[str, Tensor]]
     fan_in_fan_out: bool = False  # PEFT's flag for modules that store (in, out) weights (Conv1D)
+    gguf: GGUFMap | None = None  # llama.cpp's names and layouts for a GGUF file (lmforge.gguf)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,11 @@ def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
             f"config key 'train.init': {init_dir} is a LoRA run (its adapters are apart from its weights): "
             "fine-tune its base, or export it merged with `lmforge export` and import that"
         )
+    if init_cfg.compress.quantize:
+        raise ConfigError(
+            f"config key 'train.init': {init_dir} is quantized ({init_cfg.compress.quantize}), its weights cannot "
+            f"train: fine-tune the checkpoint it was made from ({init_cfg.compress.source}), then quantize the result"
+        )
     mine, theirs = (without_classes(to_dict(c)["model"]) for c in (cfg, init_cfg))  # a classifier head aside
     if mine not in (without_classes(to_dict(RunConfig())["model"]), theirs):
         raise ConfigError(

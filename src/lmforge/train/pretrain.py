@@ -51,6 +51,7 @@ from lmforge.runtime import (
     resolve_precision,
 )
 from lmforge.train.classify import Classification
+from lmforge.train.distill import Distillation, adopt_teacher_tokenizer, load_teacher
 from lmforge.train.distributed import on_rank0, process_group, rank
 from lmforge.train.finetune import adopt_init
 from lmforge.train.float8 import check_float8_device
@@ -100,6 +101,8 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     init_dir = None
     if cfg.train.init is not None:
         cfg, init_dir = adopt_init(cfg, run_dir)
+    if cfg.distill.teacher is not None:  # the student reads the teacher's token ids
+        cfg = adopt_teacher_tokenizer(cfg)
     encoder = family_spec(cfg.model.family).encoder
     objective_cls = _objective_class(cfg, encoder, objective_cls)  # before any data is prepared
     ckpt_dir = start_checkpoint(run_dir, cfg, resume)
@@ -119,6 +122,13 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
             f"data directory {data_dir_for(cfg.data, run_dir)} was prepared with another tokenizer than that of "
             f"config key 'train.init' ({init_dir}): fine-tuning data must use the model's tokenizer (another data.dir)"
         )
+    if cfg.distill.teacher is not None and sha256_file(run_dir / "tokenizer.json") != sha256_file(
+        Path(cfg.distill.teacher) / "tokenizer.json"
+    ):
+        raise ConfigError(
+            f"data directory {data_dir_for(cfg.data, run_dir)} was prepared with another tokenizer than that of "
+            f"config key 'distill.teacher' ({cfg.distill.teacher}): the student must read the teacher's token ids"
+        )
     if encoder:  # masked LM needs a mask token; the corpus's ids stay as they are (it is appended)
         on_rank0(ensure_mask_token, run_dir / "tokenizer.json")
     if cfg.data.task == "classify":  # the head's size and the label names come from the data
@@ -135,7 +145,8 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         model_cfg, cfg.train, cfg.parallel, cfg.optim, layout_of(dims, mesh), device, dtype,
         pp_mesh=mesh["pp"] if mesh is not None and dims.pp > 1 else None,
         pipeline_loss=objective_cls.pipeline_loss,
-        meta_init=_meta_init(cfg, dims, model_cfg), freeze=cfg.freeze, lora=cfg.lora,
+        meta_init=_meta_init(cfg, dims, model_cfg), freeze=cfg.freeze, lora=cfg.lora, sparsity=cfg.sparsity,
+        qat=cfg.qat,
     )  # fmt: skip
     if ckpt_dir is None and init_dir is not None:
         # Fine-tuning: the base weights replace the seeded ones (adapters keep their init), in any layout.
@@ -178,6 +189,10 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         val_data = val_batches(data_dir, val_batch, cfg.data.seq_len, cfg.train.eval_batches)
         if encoder:
             objective = MaskedLM(loader, val_data, fused_loss, Masker(tokenizer, cfg.train.seed))
+        elif cfg.distill.teacher is not None:
+            objective = Distillation(loader, val_data, load_teacher(cfg.distill.teacher, device), cfg.distill.alpha,
+                                     cfg.distill.temperature, tokenizer.get_vocab_size(), tokenizer,
+                                     cfg.train.sample_tokens)  # fmt: skip
         else:
             objective = objective_cls(loader, val_data, fused_loss, tokenizer, cfg.train.sample_tokens)
     opened.callback(objective.close)
@@ -229,6 +244,12 @@ def resolve_adapt_defaults(cfg: RunConfig) -> RunConfig:
 def _objective_class(cfg: RunConfig, encoder: bool, causal: type[CausalLM]) -> type:
     """The objective the run trains: next-token prediction (`causal`, CausalLM or a subclass of it),
     masked LM for an encoder family, or SFT (data.task sft)."""
+    if cfg.distill.teacher is not None:
+        if encoder:
+            raise ConfigError(
+                f"config key 'distill.teacher': the student must be a decoder, not {cfg.model.family}"
+            )
+        return Distillation
     if cfg.data.task == "classify":
         return Classification
     if cfg.data.task == "sft":

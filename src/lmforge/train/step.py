@@ -18,7 +18,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from lmforge.adapt.lora import reset_adapters
-from lmforge.config import FreezeConfig, LoraConfig, OptimConfig, ParallelConfig, TrainConfig
+from lmforge.adapt.sparsity import keep_zeros_after_step
+from lmforge.config import (
+    FreezeConfig,
+    LoraConfig,
+    OptimConfig,
+    ParallelConfig,
+    QatConfig,
+    SparsityConfig,
+    TrainConfig,
+)
 from lmforge.errors import ConfigError
 from lmforge.faults import fault
 from lmforge.models import FamilyConfig, FamilyModel, build_model
@@ -172,6 +181,8 @@ def build_train_step(
     meta_init: bool = False,
     freeze: FreezeConfig | None = None,
     lora: LoraConfig | None = None,
+    sparsity: SparsityConfig | None = None,
+    qat: QatConfig | None = None,
 ) -> TrainStep:
     """Build the model from `model_cfg` (seeded by the caller), transform it (lmforge.train.transforms)
     and build its optimizer(s): the step of one rank.
@@ -184,7 +195,9 @@ def build_train_step(
     compile = compile_enabled(train, device, pipeline=pp_mesh is not None)
 
     def transform(part: nn.Module) -> nn.Module:
-        return apply_transforms(part, train, parallel, layout, device, dtype, compile, freeze, lora)
+        return apply_transforms(
+            part, train, parallel, layout, device, dtype, compile, freeze, lora, sparsity, qat
+        )
 
     tensor_parallel = layout.tp_mesh is not None
     if pp_mesh is not None:
@@ -192,6 +205,8 @@ def build_train_step(
             raise ConfigError(
                 "parallel.pp > 1: this objective cannot run as a pipeline (it has no pipeline_loss)"
             )
+        if sparsity is not None and sparsity.keep_zeros:
+            raise ConfigError("config key 'sparsity.keep_zeros' is not supported with parallel.pp > 1 yet")
         # The full model is built (same seed everywhere) and pruned to this rank's stages.
         n_microbatches = parallel.pp_microbatches or pp_mesh.size()
         pipe = PipelineStep(build_model(model_cfg, device), optim, parallel.pp_schedule, pp_mesh, device,
@@ -204,5 +219,6 @@ def build_train_step(
         model.init_weights()
         reset_adapters(model)
     optimizer = build_optimizer(model, optim, device.type)
+    keep_zeros_after_step(optimizer)  # sparsity.keep_zeros: also after Muon's steps (nothing without it)
     return TrainStep(model, train_module, [optimizer], device, dtype, train.grad_clip, None, tensor_parallel,
                      layout.dp_mesh)  # fmt: skip

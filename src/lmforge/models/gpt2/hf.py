@@ -7,6 +7,8 @@ Layouts: transformers keeps OpenAI's Conv1D weights, (in_features, out_features)
 nn.Linear's; and its c_attn rows are [all q; all k; all v], ours per head (q, k, v) (see model.py):
 ours = theirs.view(3, n_heads, head_dim, ...).transpose(0, 1). A model built with bias=False is
 written with zero biases, which computes the same.
+
+GGUF (llama.cpp, lmforge.gguf): the same model under llama.cpp's names, see `state_to_gguf`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lmforge.models.gpt2.model import GPT2Config
-from lmforge.models.spec import HuggingFaceMap
+from lmforge.models.spec import GGUFMap, GGUFShape, HuggingFaceMap
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Every tensor of a block, as transformers names them (relative to transformer.h.N).
@@ -134,6 +136,59 @@ def lora_to_hf(name: str, lora_b: Tensor, cfg: GPT2Config) -> tuple[str, Tensor]
     return f"transformer.{name}", lora_b.clone()
 
 
+# ---------------------------------------------------------------------------- GGUF (llama.cpp)
+
+# llama.cpp's "gpt2" graph: learned positions, LayerNorms with biases, GELU (tanh approximation),
+# the head tied to token_embd. Its attn_qkv rows are GPT-2's [q; k; v] blocks, in nn.Linear's
+# (out, in) layout (GGUF's), so only c_attn's rows are reordered. It needs every bias: a model built
+# with bias=False gets zeros, which compute the same.
+_GGUF_BLOCK = {  # ours, relative to h.N (without .weight / .bias) -> llama.cpp's, relative to blk.N
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+_GGUF_ROOT = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
+
+
+def gguf_shape(cfg: GPT2Config) -> GGUFShape:
+    return GGUFShape(
+        architecture="gpt2",
+        context_length=cfg.max_seq_len,
+        embedding_length=cfg.dim,
+        block_count=cfg.n_layers,
+        feed_forward_length=4 * cfg.dim,
+        head_count=cfg.n_heads,
+        head_count_kv=cfg.n_heads,
+        norm_eps=cfg.norm_eps,
+        rms_norm=False,
+    )
+
+
+def state_to_gguf(state: Mapping[str, Tensor], cfg: GPT2Config) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue  # tied to wte
+        module, kind = name.rsplit(".", 1)  # kind: weight or bias
+        if module in _GGUF_ROOT:
+            out[f"{_GGUF_ROOT[module]}.{kind}"] = tensor
+            continue
+        _, layer, rest = module.split(".", 2)  # h.N.rest
+        if rest == "attn.c_attn":
+            tensor = _heads_to_blocks(tensor, cfg.n_heads)
+        out[f"blk.{layer}.{_GGUF_BLOCK[rest]}.{kind}"] = tensor
+    # bias=False: zero biases, one per weight that is not an embedding (its output width)
+    weights = [n for n in out if n.endswith(".weight") and not n.startswith(("token_embd", "position_embd"))]
+    for name in weights:
+        bias = name.removesuffix(".weight") + ".bias"
+        if bias not in out:
+            out[bias] = torch.zeros(out[name].shape[0], dtype=out[name].dtype)
+    return out
+
+
 HF = HuggingFaceMap(
     architecture="GPT2LMHeadModel",
     model_type="gpt2",
@@ -143,4 +198,5 @@ HF = HuggingFaceMap(
     state_from_hf=state_from_hf,
     lora_to_hf=lora_to_hf,
     fan_in_fan_out=True,
+    gguf=GGUFMap(shape=gguf_shape, state_to_gguf=state_to_gguf),
 )

@@ -239,6 +239,8 @@ class GPT2(nn.Module):
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
         set up (prefill: arange(0, T); decode: tensor([t])). Without a cache it defaults to 0..T-1.
+        With a cache it may also be (B, T), each row at its own positions (rows of different lengths
+        in one cache: lmforge.models.kv_cache, lmforge.infer.generate.DecodeBatch).
 
         targets: (B, T) int64 next tokens: return the mean cross-entropy (() fp32) instead of the
         logits, computed chunk by chunk without materialising them (lmforge.ops.cross_entropy).

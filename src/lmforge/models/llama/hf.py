@@ -9,6 +9,8 @@ RoPE: this model rotates interleaved pairs (x[2i], x[2i+1]) of each head (Meta's
 transformers rotates halves (x[i], x[i + head_dim/2]). The attention scores are the same if the
 rows of wq and wk are permuted within each head so that our row 2i + j becomes row j * head_dim/2 + i
 (what transformers' convert_llama_weights_to_hf.py does to Meta's checkpoints).
+
+GGUF (llama.cpp, lmforge.gguf): the same model under llama.cpp's names, see `state_to_gguf`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from lmforge.models.llama.model import LlamaConfig
-from lmforge.models.spec import HuggingFaceMap
+from lmforge.models.spec import GGUFMap, GGUFShape, HuggingFaceMap
 
 _BLOCK = {  # ours, relative to layers.N -> Hugging Face's, relative to model.layers.N
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -86,12 +88,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     for key, (value, supported) in unsupported.items():
         if value != supported:
             raise ValueError(f"{key} is {value!r}; lmforge's llama supports only {supported!r}")
+    # head_dim may differ from hidden_size / num_attention_heads (a model with pruned heads, Qwen3).
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ValueError(
-            f"head_dim {head_dim} x num_attention_heads {hf['num_attention_heads']} is not hidden_size "
-            f"{hf['hidden_size']}; lmforge's llama derives head_dim from them"
-        )
     return LlamaConfig(
         vocab_size=hf["vocab_size"],
         max_seq_len=hf["max_position_embeddings"],
@@ -103,6 +101,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        head_dim=head_dim,
     )
 
 
@@ -155,6 +154,72 @@ def lora_to_hf(name: str, lora_b: Tensor, cfg: LlamaConfig) -> tuple[str, Tensor
     return f"model.layers.{layer}.{_BLOCK[weight].removesuffix('.weight')}", lora_b.clone()
 
 
+# ---------------------------------------------------------------------------- GGUF (llama.cpp)
+
+# llama.cpp's "llama" graph rotates interleaved pairs, as this model does, so wq and wk are written
+# as they are (convert_hf_to_gguf.py undoes transformers' permutation to get the same rows). It has
+# no QK-norm: a qk_norm model is written as "qwen3", whose graph is this one with an RMSNorm per head
+# on q and k before RoPE, but rotates halves (NEOX): its wq, wk rows and q/k-norm weights are then
+# permuted as for transformers.
+_GGUF_BLOCK = {  # ours, relative to layers.N -> llama.cpp's, relative to blk.N
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "attention.q_norm.weight": "attn_q_norm.weight",
+    "attention.k_norm.weight": "attn_k_norm.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+    "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_GGUF_ROOT = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+              "output.weight": "output.weight"}  # fmt: skip
+
+
+def gguf_shape(cfg: LlamaConfig) -> GGUFShape:
+    assert cfg.n_kv_heads is not None and cfg.ffn_hidden is not None  # set by __post_init__
+    if cfg.head_dim != cfg.dim // cfg.n_heads:  # llama.cpp would then need attention.key_length
+        raise ValueError(f"head_dim {cfg.head_dim} is not dim / n_heads (pruned heads): not written yet")
+    return GGUFShape(
+        architecture="qwen3" if cfg.qk_norm else "llama",
+        context_length=cfg.max_seq_len,
+        embedding_length=cfg.dim,
+        block_count=cfg.n_layers,
+        feed_forward_length=cfg.ffn_hidden,
+        head_count=cfg.n_heads,
+        head_count_kv=cfg.n_kv_heads,
+        norm_eps=cfg.norm_eps,
+        rms_norm=True,
+        rope_freq_base=cfg.rope_theta,
+        rope_dimension_count=cfg.head_dim,
+    )
+
+
+def state_to_gguf(state: Mapping[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
+    assert cfg.n_kv_heads is not None
+    # Rows to put in rotate-half order for qwen3 (a q/k-norm weight is one head's row order).
+    halves = (
+        {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads,
+         "attention.q_norm.weight": 1, "attention.k_norm.weight": 1}
+        if cfg.qk_norm
+        else {}
+    )  # fmt: skip
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name in _GGUF_ROOT:
+            out[_GGUF_ROOT[name]] = tensor
+            continue
+        _, layer, rest = name.split(".", 2)  # layers.N.rest
+        if rest in halves:
+            tensor = _pairs_to_halves(tensor.reshape(tensor.shape[0], -1), halves[rest]).reshape(tensor.shape)
+        out[f"blk.{layer}.{_GGUF_BLOCK[rest]}"] = tensor
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)  # llama.cpp uses token_embd when output is absent
+    return out
+
+
 HF = HuggingFaceMap(
     architecture="LlamaForCausalLM",
     model_type="llama",
@@ -163,4 +228,5 @@ HF = HuggingFaceMap(
     state_to_hf=state_to_hf,
     state_from_hf=state_from_hf,
     lora_to_hf=lora_to_hf,
+    gguf=GGUFMap(shape=gguf_shape, state_to_gguf=state_to_gguf),
 )

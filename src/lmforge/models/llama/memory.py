@@ -25,12 +25,13 @@ from lmforge.models.spec import SavedBytes
 
 
 def saved_bytes(cfg: LlamaConfig, c: int, p: int, norm_stat_bytes: int, tp: int) -> SavedBytes:
-    assert cfg.ffn_hidden is not None and cfg.n_kv_heads is not None  # set by __post_init__
+    assert cfg.ffn_hidden is not None and cfg.n_kv_heads is not None and cfg.head_dim is not None  # __post_init__
     D, H, F = cfg.dim, cfg.n_heads, cfg.ffn_hidden
     rms = 8 * D + 4  # fp32 input, rsqrt, fp32 normalised input
     weight_copy = 4 * D if p != 4 else 0  # weight.float() of a bf16 weight
-    kv = cfg.n_kv_heads * cfg.head_dim if cfg.n_kv_heads == tp else D  # k, v after repeat_kv
-    sharded = 2 * c * D + 2 * c * kv + 4 * H + 4 * c * F
+    A = H * cfg.head_dim  # the heads' width: D, unless head_dim is set apart from it (pruned heads)
+    kv = cfg.n_kv_heads * cfg.head_dim if cfg.n_kv_heads == tp else A  # k, v after repeat_kv
+    sharded = 2 * c * A + 2 * c * kv + 4 * H + 4 * c * F
     autocast = c != p
     block_fixed = 2 * weight_copy
     if autocast:  # a bf16 copy of each linear's weight (of the rank's shard under TP)

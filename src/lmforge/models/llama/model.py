@@ -49,6 +49,11 @@ class LlamaConfig:
     tie_embeddings: bool = False  # share tok_embeddings.weight with output.weight
     qk_norm: bool = False  # RMSNorm per head on queries and keys before RoPE (OLMo 2, Qwen3)
     n_classes: int = 0  # > 0: a classification head on the last real token (forward returns (B, n_classes))
+    # None -> dim // n_heads. Set explicitly, the heads need not span dim (q, k, v are n_heads *
+    # head_dim wide, wo maps that back to dim): a model whose heads were pruned keeps its head_dim.
+    # Resolved like the fields above, so dataclasses.replace(cfg, dim=...) keeps it: pass
+    # head_dim=None to derive it again (lmforge.models.model_config does so for dim/n_heads overrides).
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -63,26 +68,24 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-        if self.dim % self.n_heads != 0:
-            raise ValueError(f"LlamaConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads != 0:
+                raise ValueError(f"LlamaConfig.dim={self.dim} must be divisible by n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"LlamaConfig.head_dim must be a positive int, got {self.head_dim!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(
                 f"LlamaConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
             )
         if self.head_dim % 2 != 0:
             raise ValueError(
-                f"LlamaConfig.head_dim={self.head_dim} (dim / n_heads) must be even: RoPE rotates pairs"
+                f"LlamaConfig.head_dim={self.head_dim} must be even: RoPE rotates pairs"
             )
         if self.rope_theta <= 0:
             raise ValueError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}")
         if self.norm_eps <= 0:
             raise ValueError(f"LlamaConfig.norm_eps must be positive, got {self.norm_eps}")
-
-    @property
-    def head_dim(self) -> int:
-        # A property, not a stored field: it can never go stale after dataclasses.replace(dim=...),
-        # and asdict() of a config round-trips through LlamaConfig(**d).
-        return self.dim // self.n_heads
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,7 +167,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        assert cfg.n_kv_heads is not None  # set by LlamaConfig.__post_init__
+        assert cfg.n_kv_heads is not None and cfg.head_dim is not None  # set by LlamaConfig.__post_init__
         # Global head counts. forward() reshapes with -1 and derives the GQA repeat factor from the
         # tensors instead, so it also runs on the local heads of a tensor-parallel shard (wq/wk/wv
         # split by output rows = by whole heads, see lmforge.parallel.tensor).
@@ -211,8 +214,11 @@ class Attention(nn.Module):
             # whole preallocated cache; the mask hides future and not-yet-written slots.
             assert input_pos is not None, "with a KV cache set up, forward needs input_pos"
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S_max, head_dim)
-            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S_max, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.kv_cache.causal_mask(input_pos))
+            # The n_rep query heads of one key/value head become n_rep * T query rows of it: the cache
+            # is read as it is instead of copied n_rep times at every step (repeat_kv).
+            q = q.reshape(B, k.size(1), n_rep * T, -1)  # (B, n_kv_heads, n_rep * T, head_dim)
+            mask = self.kv_cache.causal_mask(input_pos, n_rep)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, -1, T, q.size(-1))
         # y: (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
         return self.wo(y)  # (B, T, dim)
@@ -318,6 +324,7 @@ class Llama(nn.Module):
         self.tie_weights()
         # RoPE tables are derived from the config, so they are non-persistent (not in state_dict)
         # and (re)computed by init_weights, also after a meta-device build + to_empty.
+        assert cfg.head_dim is not None  # set by LlamaConfig.__post_init__
         table_shape = (cfg.max_seq_len, cfg.head_dim // 2)
         self.register_buffer("rope_cos", torch.empty(table_shape, dtype=torch.float32), persistent=False)
         self.register_buffer("rope_sin", torch.empty(table_shape, dtype=torch.float32), persistent=False)
@@ -351,6 +358,7 @@ class Llama(nn.Module):
         tables at long context, run in low precision with autocast rather than casting the model.)
         """
         self.tie_weights()  # re-tie after a meta-device build + to_empty()
+        assert self.cfg.head_dim is not None  # set by LlamaConfig.__post_init__
         self.rope_cos, self.rope_sin = rope_tables(
             self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device
         )
@@ -373,6 +381,8 @@ class Llama(nn.Module):
 
         input_pos: (T,) int64 absolute positions of the tokens in idx; required once a KV cache is
         set up (prefill: arange(0, T); decode: tensor([t])). Without a cache it defaults to 0..T-1.
+        With a cache it may also be (B, T), each row at its own positions (rows of different lengths
+        in one cache: lmforge.models.kv_cache, lmforge.infer.generate.DecodeBatch).
 
         targets: (B, T) int64 next tokens: return the mean cross-entropy (() fp32) instead of the
         logits, computed chunk by chunk without materialising them (lmforge.ops.cross_entropy).
@@ -429,7 +439,7 @@ class Llama(nn.Module):
                 f"KV cache max_seq_len={max_seq_len} exceeds LlamaConfig.max_seq_len={self.cfg.max_seq_len} "
                 "(the RoPE tables end there)"
             )
-        assert self.cfg.n_kv_heads is not None
+        assert self.cfg.n_kv_heads is not None and self.cfg.head_dim is not None
         dtype = self.output.weight.dtype if dtype is None else dtype
         device = self.output.weight.device if device is None else device
         for layer in self._blocks():
@@ -467,5 +477,6 @@ class Llama(nn.Module):
         query head computes its own scores.
         """
         seq_len = self.cfg.max_seq_len if seq_len is None else seq_len
+        assert self.cfg.head_dim is not None  # set by LlamaConfig.__post_init__
         attention_flops = 12 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * seq_len
         return 6 * self.num_params(exclude_embeddings=True) + attention_flops

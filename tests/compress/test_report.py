@@ -1,0 +1,98 @@
+"""`lmforge compress report`: the table, the JSON figures and the Pareto plot of a baseline and its variants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.api import load
+from lmforge.cli import main
+from lmforge.compress.report import _pareto
+from lmforge.data.loader import val_batches
+from lmforge.evaluate.perplexity import evaluate_loss
+from lmforge.train.pretrain import pretrain
+
+QUIET = {"progress": False, "tensorboard": False, "plot": False}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, session_debug_config, prepared_dir) -> tuple[Path, Path]:
+    """A debug llama (the baseline) and a one-block student distilled from it."""
+    root = tmp_path_factory.mktemp("report")
+    steps = {"eval_every": 0, "sample_tokens": 0}
+    pretrain(session_debug_config(train={"max_steps": 4, **steps}, logging=QUIET), root / "base")
+    student = session_debug_config(
+        train={"max_steps": 2, **steps}, logging=QUIET, model={"shape": {"n_layers": 1}},
+        distill={"teacher": str(root / "base")},
+    )  # fmt: skip
+    pretrain(student, root / "student")
+    return root / "base", root / "student"
+
+
+def test_the_report_writes_a_table_figures_and_a_plot(runs, tmp_path, capsys, prepared_dir):
+    base, student = runs
+    assert (
+        main(
+            [
+                "compress",
+                "report",
+                str(base),
+                str(student),
+                "--out",
+                str(tmp_path / "report"),
+                "--rounds",
+                "2",
+                "--new-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
+    figures = json.loads((tmp_path / "report" / "report.json").read_text())
+    rows = {v["name"]: v for v in figures["variants"]}
+    assert list(rows) == ["base", "student"]
+    assert rows["base"]["method"] == "baseline" and rows["student"]["method"].startswith("distill")
+    # The quality figures are those of the model on the baseline's validation windows.
+    model, _ = load(base)
+    expected = evaluate_loss(model, val_batches(prepared_dir, 4, 64, 20), torch.device("cpu"))["val_loss"]
+    assert abs(rows["base"]["val_loss"] - expected) < 1e-6
+    assert rows["student"]["params"] < rows["base"]["params"]
+    assert rows["student"]["bytes"] < rows["base"]["bytes"]
+    for row in rows.values():
+        assert row["eval_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        low, high = row["decode_spread"]
+        assert low <= row["decode_tokens_per_s"] <= high
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert table.count("\n| ") == 4  # the header, its rule and two rows
+    assert "| base | baseline |" in table and "| student | distill" in table
+    base_row = next(line for line in table.splitlines() if line.startswith("| base |"))
+    assert "| 1.000 |" in base_row and "+0.00%" in base_row  # the baseline's ratios to itself
+    assert (tmp_path / "report" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_variants_with_another_tokenizer_are_refused(runs, tmp_path, capsys):
+    base, _ = runs
+    other = tmp_path / "other"
+    pretrain_cfg_dir = tmp_path / "corpus"
+    pretrain_cfg_dir.mkdir()
+    for i in range(10):
+        (pretrain_cfg_dir / f"{i}.txt").write_text(f"the quick brown fox {i} jumps over the lazy dog\n" * 40)
+    from lmforge.config import load_config, parse_config_dict, to_dict
+
+    values = to_dict(load_config(Path(__file__).parents[2] / "recipes" / "debug.yaml"))
+    values["data"].update(source=str(pretrain_cfg_dir), vocab_size=300, dir=None, val_fraction=0.2)
+    values["train"].update(max_steps=1, eval_every=0, sample_tokens=0)
+    values["logging"].update(QUIET)
+    pretrain(parse_config_dict(values), other)
+    assert main(["compress", "report", str(base), str(other), "--out", str(tmp_path / "r")]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_pareto_front_keeps_only_undominated_points():
+    # (bytes, ppl): (2, 5) is beaten by (1, 4); (3, 3) and (1, 4) and (4, 2) are not.
+    assert _pareto([(2.0, 5.0), (1.0, 4.0), (3.0, 3.0), (4.0, 2.0), (5.0, 2.5)]) == [1, 2, 3]
