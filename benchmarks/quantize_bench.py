@@ -2,7 +2,7 @@
 model we trained, bytes, and speed on the 124m shape.
 
     python benchmarks/quantize_bench.py --run /work/runs/tiny-base --out-dir /work/runs/quantize \
-        [--int4-runs QAT_RUN CONTROL_RUN] [--threads 2] [--rounds 3] [--skip-speed] [--compile]
+        [--int4-runs QAT_RUN CONTROL_RUN] [--threads 2] [--rounds 3] [--skip-speed] [--flavor 124m]
 
 Quality: each CPU scheme's artifact of `--run` (written into `--out-dir` unless there) against the
 unquantized model: perplexity on the run's validation split (`--val-batches` batches of 8 windows),
@@ -16,8 +16,6 @@ Speed: the llama 124m shape with random weights (int8/int4 speed does not depend
 fp32 and each scheme, each in fp32 and in bf16 autocast (what precision auto gives on a CPU with
 native bf16): evaluation tokens/s (one forward of 4 x 256 tokens) and batch-1 decode tokens/s
 (greedy, 32-token prompt, 64 new tokens, KV cache), `--rounds` alternated rounds, the median.
-`--compile`: also decode with the step compiled (lmforge.infer.generate's compile=True): fp32, and
-each scheme in bf16.
 One JSON line per figure; a table at the end.
 """
 
@@ -103,9 +101,9 @@ def quality(run: Path, out_dir: Path, int4_runs: list[Path], val_batches_n: int)
     return rows
 
 
-def speed(threads: int, rounds: int, compile: bool, flavor: str) -> list[dict]:
+def speed(threads: int, rounds: int, flavor: str) -> list[dict]:
     torch.set_num_threads(threads)
-    cfg = model_config("llama", flavor)
+    cfg = model_config("llama", flavor, max_seq_len=1024)
     torch.manual_seed(0)
     fp32 = build_model(cfg).eval()
     models = {"fp32": fp32}
@@ -113,10 +111,7 @@ def speed(threads: int, rounds: int, compile: bool, flavor: str) -> list[dict]:
         models[scheme] = quantize_model(copy.deepcopy(fp32), scheme, None)
     tokens = torch.randint(0, cfg.vocab_size, (4, 256))
     prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
-    # (model, compute dtype, decode step compiled); compiled: decode only, fp32 and the schemes in bf16.
-    cases = [(name, dtype, False) for name in models for dtype in (torch.float32, torch.bfloat16)]
-    if compile:
-        cases += [("fp32", torch.float32, True)] + [(name, torch.bfloat16, True) for name in models]
+    cases = [(name, dtype) for name in models for dtype in (torch.float32, torch.bfloat16)]
 
     @torch.no_grad()
     def eval_rate(model, dtype) -> float:
@@ -125,39 +120,29 @@ def speed(threads: int, rounds: int, compile: bool, flavor: str) -> list[dict]:
             model(tokens)
         return tokens.numel() / (time.perf_counter() - started)
 
-    def decode_rate(model, dtype, compiled: bool, new_tokens: int = 64) -> float:
+    def decode_rate(model, dtype, new_tokens: int = 64) -> float:
         started = time.perf_counter()
-        n = sum(
-            1 for _ in generate(model, prompt, new_tokens, temperature=0.0, dtype=dtype, compile=compiled)
-        )
+        n = sum(1 for _ in generate(model, prompt, new_tokens, temperature=0.0, dtype=dtype))
         return n / (time.perf_counter() - started)
 
-    failed: dict[tuple, str] = {}
-    for case in list(cases):  # warm-up: first-call allocations, lazy kernels, compiling
-        name, dtype, compiled = case
-        try:
-            if not compiled:
-                eval_rate(models[name], dtype)
-            decode_rate(models[name], dtype, compiled, 4)
-        except Exception as err:  # a compile that fails is a result too
-            failed[case] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            cases.remove(case)
+    for name, dtype in cases:  # warm-up: first-call allocations and lazy kernels
+        eval_rate(models[name], dtype)
+        decode_rate(models[name], dtype, 4)
     rates: dict[tuple, dict[str, list[float]]] = {c: {"eval": [], "decode": []} for c in cases}
     for _ in range(rounds):
-        for name, dtype, compiled in cases:
-            if not compiled:
-                rates[(name, dtype, compiled)]["eval"].append(eval_rate(models[name], dtype))
-            rates[(name, dtype, compiled)]["decode"].append(decode_rate(models[name], dtype, compiled))
+        for name, dtype in cases:
+            rates[(name, dtype)]["eval"].append(eval_rate(models[name], dtype))
+            rates[(name, dtype)]["decode"].append(decode_rate(models[name], dtype))
     rows = []
-    base = {k: statistics.median(v) for k, v in rates[("fp32", torch.float32, False)].items()}
-    for (name, dtype, compiled), values in [*rates.items(), *((c, None) for c in failed)]:
-        row: dict = {"model": flavor, "scheme": name, "compute": str(dtype).removeprefix("torch."),
-                     "compiled_decode": compiled, "threads": threads}  # fmt: skip
-        if values is None:
-            row["error"] = failed[(name, dtype, compiled)]
+    base = {k: statistics.median(v) for k, v in rates[("fp32", torch.float32)].items()}
+    for (name, dtype), values in rates.items():
+        row: dict = {
+            "model": flavor,
+            "scheme": name,
+            "compute": str(dtype).removeprefix("torch."),
+            "threads": threads,
+        }
         for kind in ("eval", "decode"):
-            if values is None or not values[kind]:
-                continue
             row[f"{kind}_tokens_per_s"] = statistics.median(values[kind])
             row[f"{kind}_spread"] = [min(values[kind]), max(values[kind])]
             row[f"{kind}_vs_fp32"] = row[f"{kind}_tokens_per_s"] / base[kind]
@@ -175,7 +160,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="also decode with torch.compile")
     parser.add_argument("--flavor", default="124m", help="the llama shape of the speed figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,20 +173,10 @@ def main() -> None:
             ratio = f"{row['bytes_ratio']:.3f}x" if row["bytes_ratio"] else "-"
             lines.append(f"{Path(row['model']).name:32s} {row['scheme']:34s} bytes {ratio:7s} ppl {ppl}")
     if not args.skip_speed:
-        for row in speed(args.threads, args.rounds, args.compile, args.flavor):
-            name = f"{row['model']} {row['scheme']:13s} {row['compute']:9s}" + (
-                " compiled decode" if row["compiled_decode"] else ""
-            )
-            if "error" in row:
-                lines.append(f"{name} {row['error']}")
-                continue
-            evals = (
-                f"eval {row['eval_tokens_per_s']:8.1f} tok/s ({row['eval_vs_fp32']:.2f}x)  "
-                if "eval_tokens_per_s" in row
-                else ""
-            )
+        for row in speed(args.threads, args.rounds, args.flavor):
             lines.append(
-                f"{name} {evals}decode {row['decode_tokens_per_s']:6.2f} tok/s ({row['decode_vs_fp32']:.2f}x)"
+                f"{row['model']} {row['scheme']:13s} {row['compute']:9s} eval {row['eval_tokens_per_s']:8.1f} tok/s "
+                f"({row['eval_vs_fp32']:.2f}x)  decode {row['decode_tokens_per_s']:6.2f} tok/s ({row['decode_vs_fp32']:.2f}x)"
             )
     print("\n".join(lines))
 
