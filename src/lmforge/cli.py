@@ -83,6 +83,7 @@ def generate(
     input: str | None = None,
     output: str | None = None,
     batch_size: int = 8,
+    tp: int = 1,
 ) -> None:
     """Stream text from a trained model (uses the KV cache), or complete every prompt of a JSONL file.
 
@@ -105,6 +106,7 @@ def generate(
         input: A JSONL file with a "prompt" per line: write one completion per line to --output.
         output: The JSONL file of completions (resumes where it stopped; under torchrun the ranks split the prompts).
         batch_size: Prompts generated together with --input.
+        tp: Under torchrun, tensor parallelism: each model is split over this many processes (a model too large for one device); the groups of tp processes split an --input file.
     """
     from lmforge.api import load_checkpoint
     from lmforge.infer import generate as generate_module
@@ -129,8 +131,15 @@ def generate(
     if draft is not None and draft_tokens < 1:
         raise ConfigError(f"--draft-tokens must be >= 1, got {draft_tokens}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and input is None:
-        raise ConfigError("under torchrun, generate needs --input and --output (each rank takes a share)")
+    if tp < 1 or world_size % tp:
+        raise ConfigError(f"--tp {tp} must divide the number of processes torchrun starts ({world_size})")
+    if world_size > 1 and input is None and tp != world_size:
+        raise ConfigError(
+            "under torchrun, generate needs --input and --output (each rank takes a share), or --tp "
+            "equal to the number of processes (one model split over all of them)"
+        )
+    if tp > 1 and (compile or draft is not None):
+        raise ConfigError("--tp generates eagerly with one model: without --compile and --draft")
     dev = resolve_device(device)
     if world_size > 1:
         from lmforge.parallel.mesh import init_distributed, local_device
@@ -138,7 +147,16 @@ def generate(
         dev = local_device(dev)
         init_distributed(dev, timeout_s=1800)
     ckpt_dir = resolve_checkpoint(run)
-    model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
+    mesh = None
+    if tp > 1:
+        from lmforge.data.tokenizer import load_tokenizer
+        from lmforge.parallel.inference import inference_mesh, load_tensor_parallel
+
+        mesh = inference_mesh(dev, world_size, tp)
+        model = load_tensor_parallel(ckpt_dir, mesh["tp"], dev)
+        tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
+    else:
+        model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
     if spec_of(model).encoder:
         raise ConfigError(
             f"{run} is an encoder (model family {spec_of(model).name}): it does not generate text"
@@ -161,80 +179,107 @@ def generate(
         params = SamplingParams(
             max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, tuple(stop), seed
         )
-        _generate_file(model, tokenizer, params, input, output, batch_size, eos_id, encode, dtype, compile)
+        _generate_file(
+            model, tokenizer, params, input, output, batch_size, eos_id, encode, dtype, compile, mesh
+        )
         return
+    # Under --tp every rank of the model decodes alike (the same tokens): rank 0 prints them.
+    quiet = mesh is not None and mesh.get_rank() != 0
+    with (
+        open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as text_out,
+        contextlib.redirect_stdout(text_out),
+    ):
+        if draft is not None:
+            draft_model, draft_tokenizer = load_checkpoint(resolve_checkpoint(draft), device=dev)
+            if spec_of(draft_model).encoder or draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise ConfigError(
+                    f"the draft {draft} is not a decoder with the tokenizer of {run}: speculative decoding needs one"
+                )
+        prompt_ids = encode(prompt)
+        if not chat:
+            print(prompt, end="", flush=True)
+        stats = None
+        started = time.perf_counter()
+        if draft is not None:
+            from lmforge.infer.speculative import SpeculativeStats, speculative_generate
 
-    if draft is not None:
-        draft_model, draft_tokenizer = load_checkpoint(resolve_checkpoint(draft), device=dev)
-        if spec_of(draft_model).encoder or draft_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(
-                f"the draft {draft} is not a decoder with the tokenizer of {run}: speculative decoding needs one"
+            stats = SpeculativeStats()
+            tokens = speculative_generate(
+                model,
+                draft_model,
+                prompt_ids,
+                max_new_tokens,
+                draft_tokens,
+                eos_id,
+                dtype,
+                stats,
+                compile=compile,
             )
-    prompt_ids = encode(prompt)
-    if not chat:
-        print(prompt, end="", flush=True)
-    stats = None
-    started = time.perf_counter()
-    if draft is not None:
-        from lmforge.infer.speculative import SpeculativeStats, speculative_generate
+        else:
+            # The options left at their defaults are not passed: a call with only the classic arguments
+            # stays exactly that.
+            options: dict[str, Any] = {}
+            if min_p is not None:
+                options["min_p"] = min_p
+            if repetition_penalty != 1.0:
+                options["repetition_penalty"] = repetition_penalty
+            if compile:
+                options["compile"] = True
+            tokens = generate_module.generate(
+                model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id, dtype, **options
+            )
+        stream = TextStream(tokenizer.decode, stop)
+        for token_id in tokens:
+            if token_id == eos_id:
+                break
+            print(stream.push(token_id), end="", flush=True)
+            if stream.stopped:
+                break
+        print(stream.finish())
+        if stats is not None:
+            seconds = time.perf_counter() - started
+            print(
+                f"speculative decoding: acceptance rate {stats.acceptance_rate:.3f} "
+                f"({stats.accepted}/{stats.proposed} draft tokens), "
+                f"{stats.tokens_per_target_forward:.2f} tokens per forward of the model, "
+                f"{stats.new_tokens / seconds:.1f} tokens/s",
+                file=sys.stderr,
+            )
 
-        stats = SpeculativeStats()
-        tokens = speculative_generate(
-            model, draft_model, prompt_ids, max_new_tokens, draft_tokens, eos_id, dtype, stats, compile=compile
-        )
-    else:
-        # The options left at their defaults are not passed: a call with only the classic arguments
-        # stays exactly that.
-        options: dict[str, Any] = {}
-        if min_p is not None:
-            options["min_p"] = min_p
-        if repetition_penalty != 1.0:
-            options["repetition_penalty"] = repetition_penalty
-        if compile:
-            options["compile"] = True
-        tokens = generate_module.generate(
-            model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id, dtype, **options
-        )
-    stream = TextStream(tokenizer.decode, stop)
-    for token_id in tokens:
-        if token_id == eos_id:
-            break
-        print(stream.push(token_id), end="", flush=True)
-        if stream.stopped:
-            break
-    print(stream.finish())
-    if stats is not None:
-        seconds = time.perf_counter() - started
-        print(
-            f"speculative decoding: acceptance rate {stats.acceptance_rate:.3f} "
-            f"({stats.accepted}/{stats.proposed} draft tokens), "
-            f"{stats.tokens_per_target_forward:.2f} tokens per forward of the model, "
-            f"{stats.new_tokens / seconds:.1f} tokens/s",
-            file=sys.stderr,
-        )
+    if mesh is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def _generate_file(
     model, tokenizer, params, input: str, output: str, batch_size: int, eos_id: int | None, encode, dtype,
-    compile: bool,
+    compile: bool, mesh,
 ) -> None:  # fmt: skip
-    """`generate --input`: every prompt of the file; under torchrun this rank's share (rank 0 merges)."""
+    """`generate --input`: every prompt of the file; under torchrun this rank's share (rank 0 merges).
+    With a (dp, tp) mesh (--tp) the share is the model's dp group's, and its tp rank 0 writes it."""
     import torch.distributed as dist
 
     from lmforge.infer.files import generate_file
 
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if world_size > 1 else 0
+    distributed = dist.is_initialized()
+    rank, world_size, writer = (dist.get_rank(), dist.get_world_size(), True) if distributed else (0, 1, True)
+    if mesh is not None:
+        rank, world_size, writer = (
+            mesh["dp"].get_local_rank(),
+            mesh["dp"].size(),
+            mesh["tp"].get_local_rank() == 0,
+        )
     try:
         summary = generate_file(
             model, tokenizer, input, output, params, batch_size=batch_size, eos_id=eos_id, encode=encode,
-            dtype=dtype, compile=compile, rank=rank, world_size=world_size,
-            barrier=dist.barrier if world_size > 1 else lambda: None,
+            dtype=dtype, compile=compile, rank=rank, world_size=world_size, writer=writer,
+            barrier=dist.barrier if distributed else lambda: None,
         )  # fmt: skip
     finally:
-        if world_size > 1:
+        if distributed:
             dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and writer:
         print(json.dumps(summary))
 
 

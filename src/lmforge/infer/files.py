@@ -6,7 +6,9 @@ order: {"prompt", "completion", "tokens" (new tokens), "finish_reason" ("eos", "
 Rank r of W takes prompts r, r + W, r + 2W, ... and appends each finished batch to its own part file
 (`OUT.part-r`, each line tagged with its prompt's index) and flushes it to disk. After a barrier,
 rank 0 merges the parts in input order into `OUT.tmp` and renames it to OUT (os.replace: OUT is
-either absent or complete), then removes the parts. One process is the case W = 1.
+either absent or complete), then removes the parts. One process is the case W = 1. With tensor
+parallelism (`generate --tp`) a rank here is one model's group of processes: they decode the same
+batches in lockstep and the first of them writes.
 
 Resuming after a crash: what the part files (and an OUT from an earlier run, whose lines are done)
 hold is skipped; a torn last line, cut mid-write by the crash, is dropped. Greedy output does not
@@ -17,6 +19,7 @@ plus the index of the batch's first prompt).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -91,12 +94,15 @@ def generate_file(
     compile: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    writer: bool = True,
     barrier: Callable[[], None] = lambda: None,
 ) -> dict[str, object]:
     """Generate a completion for every prompt of `input_path` into `output_path` (see the module doc).
 
     encode: prompt text -> ids (default: the tokenizer's encoding; `lmforge generate --chat` renders
-    the chat template). barrier: waits for every rank (torch.distributed.barrier under torchrun).
+    the chat template). barrier: waits for every process (torch.distributed.barrier under torchrun).
+    writer: False on the processes of a tensor-parallel model other than its first: they compute the
+    same share (rank of world_size model replicas) in lockstep and write nothing.
     Returns what this rank did: {"prompts" (in the file), "skipped" (done before), "generated" (by
     this rank), "new_tokens", "seconds"}, and on rank 0 "output" once the merged file is written.
     """
@@ -109,10 +115,12 @@ def generate_file(
 
     finished = complete_lines(output_path, truncate=False)  # an earlier run's complete output
     _check_same_prompts(finished, range(len(finished)), prompts, output_path)
+    if writer:  # a torn last line of this rank's own part (a crash mid-write) is cut off first
+        complete_lines(_part_path(output_path, rank), truncate=True)
+    barrier()  # then every process reads the same parts, so that a model's processes agree on the work
     done = {}
     for part in sorted(output_path.parent.glob(f"{output_path.name}.part-*")):
-        # Only this rank's own part may be truncated: the others' may be in use by their ranks.
-        records = complete_lines(part, truncate=part == _part_path(output_path, rank))
+        records = complete_lines(part, truncate=False)
         _check_same_prompts(records, [r.get("index", -1) for r in records], prompts, part)
         done.update({r["index"]: r for r in records})
     mine = [i for i in range(len(finished), len(prompts)) if i % world_size == rank and i not in done]
@@ -120,7 +128,10 @@ def generate_file(
     started = time.perf_counter()
     new_tokens = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with _part_path(output_path, rank).open("a", encoding="utf-8") as part_file:
+    with contextlib.ExitStack() as stack:
+        part_file = (
+            stack.enter_context(_part_path(output_path, rank).open("a", encoding="utf-8")) if writer else None
+        )
         for first in range(0, len(mine), batch_size):
             indices = mine[first : first + batch_size]
             batch_params = params if params.seed is None else replace(params, seed=params.seed + indices[0])
@@ -132,14 +143,16 @@ def generate_file(
                 completion = completion_of(generation, tokenizer.decode, params.stop, eos_id)
                 record = {"index": index, "prompt": prompts[index], "completion": completion.text,
                           "tokens": len(completion.token_ids), "finish_reason": completion.finish_reason}  # fmt: skip
-                part_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if part_file is not None:
+                    part_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 new_tokens += len(completion.token_ids)
-            part_file.flush()
-            os.fsync(part_file.fileno())  # a finished batch survives a crash of the machine too
+            if part_file is not None:
+                part_file.flush()
+                os.fsync(part_file.fileno())  # a finished batch survives a crash of the machine too
     summary: dict[str, object] = {"prompts": len(prompts), "skipped": len(finished) + len(done), "generated": len(mine),
                "new_tokens": new_tokens, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     barrier()  # every rank's part is complete
-    if rank == 0:
+    if rank == 0 and writer:
         _merge(output_path, prompts, finished)
         summary["output"] = str(output_path)
     barrier()  # no rank returns before the output exists

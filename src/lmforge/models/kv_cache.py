@@ -109,6 +109,15 @@ class KVCache(nn.Module):
         return mask if input_pos.ndim == 1 else mask[:, None]
 
 
+def local_heads(projection: nn.Linear, heads: int) -> int:
+    """How many of a layer's `heads` this process computes: all of them, or on a tensor-parallel
+    shard (a DTensor weight split by output rows = by whole heads, lmforge.parallel.tensor) the share
+    its local rows hold. The KV cache of a shard holds only its own heads."""
+    weight = projection.weight
+    local = weight.to_local() if hasattr(weight, "to_local") else weight  # a DTensor's shard
+    return heads * local.shape[0] // weight.shape[0]
+
+
 def kv_caches(model: nn.Module) -> list[KVCache]:
     """Every KV cache a model's attention layers hold (none before `setup_kv_cache`)."""
     return [module for module in model.modules() if isinstance(module, KVCache)]

@@ -44,8 +44,9 @@ head): that runs, but the random init is then drawn by DTensor's RNG, not as on 
 Inputs (token ids) must be identical on all ranks of a TP group, and with sequence parallelism T must
 be divisible by tp (a forward pre-hook checks it).
 
-Not supported under TP (yet): generation with a KV cache (the caches are sized for all heads, while
-a rank computes only its own); dropout > 0 gives masks that differ from a single-device run.
+Generation works on a sharded model: each rank's KV caches hold its own heads
+(lmforge.models.kv_cache.local_heads; lmforge.parallel.inference loads a checkpoint so). Not
+supported under TP: dropout > 0 gives masks that differ from a single-device run.
 """
 
 from __future__ import annotations

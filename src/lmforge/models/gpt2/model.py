@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.models.kv_cache import KVCache
+from lmforge.models.kv_cache import KVCache, local_heads
 from lmforge.models.packing import document_mask, document_positions
 from lmforge.models.pooling import last_token
 from lmforge.ops.cross_entropy import linear_cross_entropy
@@ -298,8 +298,9 @@ class GPT2(nn.Module):
         dtype = self.lm_head.weight.dtype if dtype is None else dtype
         device = self.lm_head.weight.device if device is None else device
         for block in self._blocks():
+            heads = local_heads(block.attn.c_attn, self.cfg.n_heads)  # all, or a TP shard's
             block.attn.kv_cache = KVCache(
-                batch_size, self.cfg.n_heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
+                batch_size, heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
             )
 
     def clear_kv_cache(self) -> None:

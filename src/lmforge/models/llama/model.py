@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.models.kv_cache import KVCache
+from lmforge.models.kv_cache import KVCache, local_heads
 from lmforge.models.packing import document_mask, document_positions
 from lmforge.models.pooling import last_token
 from lmforge.ops.cross_entropy import linear_cross_entropy
@@ -443,8 +443,9 @@ class Llama(nn.Module):
         dtype = self.output.weight.dtype if dtype is None else dtype
         device = self.output.weight.device if device is None else device
         for layer in self._blocks():
+            heads = local_heads(layer.attention.wk, self.cfg.n_kv_heads)  # all, or a TP shard's
             layer.attention.kv_cache = KVCache(
-                batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
+                batch_size, heads, max_seq_len, self.cfg.head_dim, dtype=dtype, device=device
             )
 
     def clear_kv_cache(self) -> None:
