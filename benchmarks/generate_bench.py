@@ -10,6 +10,11 @@ For each llama flavor: random weights (seed 0), fp32, a 32-token prompt, 128 new
   all of them alike; tokens/s (new tokens over the wall time, prefill included): median (min-max).
 - batch 8: eight 32-token prompts at once (`generate_batch`; transformers' `generate` on the batch).
 - llama.cpp, when `llama_cpp` imports and lmforge.gguf exists: the same weights exported to GGUF (f32).
+- `--precisions fp32,bf16,int8` (batch 1): bf16 is lmforge and transformers with bf16 weights and
+  llama.cpp's bf16 export; int8 is lmforge's int8-weight quantization (`lmforge compress quantize
+  --scheme int8-weight`: torchao's int8 weights per channel, computed in bf16 by PyTorch's int8-weight
+  kernel) beside llama.cpp's q8_0 export (int8 blocks of 32 with an fp16 scale each). Their bandwidth
+  bounds count the bytes each reads (bf16: 2 per weight, int8: 1, q8_0: 34 per 32).
 - with --speculative: lmforge's speculative decoding (k = 4) with a layer-skip draft (the target's
   first layer, sharing its embeddings and head): the acceptance rate and the speed-up over plain
   greedy, at three agreements set by construction (see bench_speculative). With random weights the
@@ -90,7 +95,7 @@ def hf_generate(theirs, prompts: list[list[int]], new_tokens: int) -> list[list[
 
 
 def llama_cpp_runner(
-    model: FamilyModel, workdir: Path, threads: int
+    model: FamilyModel, workdir: Path, threads: int, outtype: str = "f32"
 ) -> Callable[[list[int], int], list[int]] | None:
     """A greedy generator on llama.cpp of the same weights, or None without llama_cpp / lmforge.gguf.
 
@@ -107,14 +112,36 @@ def llama_cpp_runner(
     from lmforge.rundir import latest_checkpoint
 
     hf_dir = workdir / "hf"
-    hf_model(model).save_pretrained(hf_dir)
-    tokenizer = train_tokenizer([Path(__file__).read_text()], vocab_size=min(model.cfg.vocab_size, 1024))
-    tokenizer.save(str(hf_dir / "tokenizer.json"))
-    import_hf(hf_dir, workdir / "run")
-    gguf_path = export_gguf(latest_checkpoint(workdir / "run"), workdir / "model.gguf", "f32")
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path), n_ctx=model.cfg.max_seq_len, n_threads=threads, n_batch=64, verbose=False
-    )
+    if not (workdir / "run").exists():
+        hf_model(model).save_pretrained(hf_dir)
+        tokenizer = train_tokenizer([Path(__file__).read_text()], vocab_size=min(model.cfg.vocab_size, 1024))
+        tokenizer.save(str(hf_dir / "tokenizer.json"))
+        import_hf(hf_dir, workdir / "run")
+    gguf_path = export_gguf(latest_checkpoint(workdir / "run"), workdir / f"model-{outtype}.gguf", outtype)
+    params = llama_cpp.llama_model_default_params()
+    # llama.cpp's extra weight buffers off: its AMX q8_0 kernels (llama-cpp-python 0.3.36) crash on
+    # this CPU (see tests/hf/test_gguf.py); f32 and bf16 do not use them.
+    extra = {"use_extra_bufts": False} if outtype == "q8_0" and hasattr(params, "use_extra_bufts") else {}
+    if extra:
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(gguf_path),
+            n_ctx=model.cfg.max_seq_len,
+            n_threads=threads,
+            n_batch=64,
+            verbose=False,
+        )
+    finally:
+        if extra:
+            llama_cpp.llama_cpp.llama_model_default_params = defaults
 
     def run(prompt: list[int], new_tokens: int) -> list[int]:
         llm.reset()
@@ -216,8 +243,61 @@ def bench_flavor(flavor: str, args: argparse.Namespace) -> list[dict]:
                     row["compile_s"] = compile_s[kind]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        rows.extend(bench_precisions(flavor, model, prompts[0], n, args, Path(workdir), bandwidth))
     if args.speculative:
         rows.extend(bench_speculative(flavor, model, prompts[0], n, args.rounds, bound))
+    return rows
+
+
+def bench_precisions(
+    flavor: str, model: FamilyModel, prompt: list[int], n: int, args, workdir: Path, bandwidth: float
+) -> list[dict]:
+    """Batch 1 at bf16 and int8 (--precisions): lmforge, transformers and llama.cpp side by side, in
+    turn round after round, each precision's runners timed together."""
+    from lmforge.compress.quantize import quantize_model
+
+    precisions = [p for p in args.precisions.split(",") if p != "fp32"]
+    weights = weight_bytes_per_step(model) // 4  # weights one step reads
+    rows = []
+    for precision in precisions:
+        runners: dict[str, Callable[[], list[int]]] = {}
+        if precision == "bf16":
+            ours = copy.deepcopy(model).to(torch.bfloat16)
+            runners["lmforge bf16"] = lambda ours=ours: list(
+                generate(ours, prompt, n, temperature=0, dtype=torch.bfloat16)
+            )
+            if not args.no_hf:
+                theirs = hf_model(model).to(torch.bfloat16)
+                runners["transformers bf16"] = lambda theirs=theirs: hf_generate(theirs, [prompt], n)[0]
+            outtype, step_bytes = "bf16", 2 * weights
+        elif precision == "int8":
+            ours = quantize_model(copy.deepcopy(model), "int8-weight", None)
+            runners["lmforge int8-weight"] = lambda ours=ours: list(
+                generate(ours, prompt, n, temperature=0, dtype=torch.bfloat16)
+            )
+            outtype, step_bytes = "q8_0", weights * 34 // 32
+        else:
+            raise SystemExit(f"--precisions: unknown precision {precision!r} (fp32, bf16, int8)")
+        llama_cpp = None if args.no_llama_cpp else llama_cpp_runner(model, workdir, args.threads, outtype)
+        if llama_cpp is not None:
+            runners[f"llama.cpp {outtype}"] = lambda llama_cpp=llama_cpp: llama_cpp(prompt, n)
+        for runner in runners.values():
+            runner()  # warm-up
+        speeds: dict[str, list[float]] = {name: [] for name in runners}
+        cpu_ms: dict[str, list[float]] = {name: [] for name in runners}
+        outputs = {}
+        for _ in range(args.rounds):
+            for name, runner in runners.items():
+                seconds, cpu_seconds, outputs[name] = cpu_timed(runner)
+                speeds[name].append(n / seconds)
+                cpu_ms[name].append(1000 * cpu_seconds / n)
+        reference = next(iter(outputs.values()))
+        for name in runners:
+            row = {"flavor": flavor, "kind": "batch 1", "impl": name,
+                   **summary(speeds[name], bandwidth / step_bytes, cpu_ms[name]),
+                   "same_tokens": outputs[name] == reference}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -272,6 +352,9 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--speculative", action="store_true")
+    parser.add_argument(
+        "--precisions", default="fp32", help="fp32 and also bf16, int8 (batch 1): fp32,bf16,int8"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)

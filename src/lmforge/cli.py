@@ -113,7 +113,7 @@ def generate(
     from lmforge.infer.generate import check_sampling_args
     from lmforge.infer.stop import TextStream
     from lmforge.models import spec_of
-    from lmforge.rundir import resolve_checkpoint, run_precision
+    from lmforge.rundir import decode_precision, resolve_checkpoint, run_precision
     from lmforge.runtime import resolve_device
 
     stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -161,7 +161,8 @@ def generate(
         raise ConfigError(
             f"{run} is an encoder (model family {spec_of(model).name}): it does not generate text"
         )
-    dtype = run_precision(ckpt_dir, dev)
+    # One prompt decodes row by row (decode_precision); a file's batches compute in the run's precision.
+    dtype = run_precision(ckpt_dir, dev) if input is not None else decode_precision(ckpt_dir, dev)
     eos_id = tokenizer.token_to_id("<|eos|>")
     if chat:
         from lmforge.data.sft import CHAT_TOKENS, render

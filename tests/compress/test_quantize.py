@@ -3,6 +3,7 @@ artifact reloaded in a fresh process, and the errors of artifacts that cannot be
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,8 +24,10 @@ from lmforge.compress.quantize import (
     INT4PACK_MAX_ROWS,
     INT8PACK_MAX_ROWS,
     Int4WeightOnlyLinear,
+    Int8DynamicLinear,
     Int8WeightOnlyLinear,
     QuantizedEmbedding,
+    _quantize_activations,
     artifact_tensors,
     pack_int4,
     quantize_checkpoint,
@@ -33,6 +36,7 @@ from lmforge.compress.quantize import (
 )
 from lmforge.config import load_config
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.infer.generate import generate
 from lmforge.models import build_model, model_config
 from lmforge.rundir import MANIFEST, latest_checkpoint, sha256_file
 from lmforge.train.pretrain import pretrain
@@ -294,3 +298,43 @@ def test_weight_only_linears_use_the_cpu_kernels_for_few_rows_in_bf16(scheme, ke
     torch.testing.assert_close(
         run(x)[0], x.bfloat16() @ layer.weight.dequantize().bfloat16().t(), rtol=2e-2, atol=2e-2
     )
+
+
+def test_int8_dynamic_linear_multiplies_int8_values_as_torchao_does():
+    """The CPU path (torch._int_mm, the zero points taken off in int32, the row sums cached) gives
+    torchao's own linear's outputs, also after the values change in place (the load path's copy)."""
+    torch.manual_seed(0)
+    model = build_model(model_config("llama", "debug")).eval()
+    quantize_model(model, "int8-dynamic")
+    layer = model.layers["0"].feed_forward.w1
+    assert isinstance(layer, Int8DynamicLinear)
+    x = torch.randn(2, 5, 64) + 0.3  # off-centre: the activations' zero points are not 0
+    with torch.no_grad(), profile() as prof:
+        fast = layer(x)
+    assert "aten::_int_mm" in {e.key for e in prof.key_averages()}
+    with torch.no_grad():
+        torch.testing.assert_close(fast, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)  # torchao's
+        layer.weight.qdata.copy_(-layer.weight.qdata.clamp(min=-127))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    # The activations' quantization (lmforge's fp32 formulas) is torchao's, bit for bit.
+    from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
+
+    rows = torch.cat([x.reshape(-1, 64), torch.zeros(1, 64), torch.full((1, 64), 5.0)])  # and an all-0 row
+    theirs = _choose_quant_func_and_quantize_tensor(rows, layer.weight.act_quant_kwargs)
+    ours = _quantize_activations(rows, layer.weight.act_quant_kwargs)
+    for got, want in zip(ours, (theirs.qdata, theirs.scale, theirs.zero_point), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_quantized_models_decode_compiled_as_they_do_eagerly():
+    """`generate --compile`: the quantized linears run eagerly inside the compiled step (inductor
+    cannot lower their kernels' calls), the greedy tokens are the eager ones."""
+    torch.manual_seed(0)
+    base = build_model(model_config("llama", "debug")).eval()
+    for scheme in ("int8-weight", "int4-weight"):
+        model = quantize_model(copy.deepcopy(base), scheme, 32 if scheme == "int4-weight" else None)
+        eager = list(generate(model, list(range(8)), 4, temperature=0, dtype=torch.bfloat16))
+        assert (
+            list(generate(model, list(range(8)), 4, temperature=0, dtype=torch.bfloat16, compile=True))
+            == eager
+        )

@@ -24,7 +24,7 @@ from lmforge.evaluate.perplexity import bits_per_byte, token_byte_lengths
 from lmforge.infer import generate as generate_module
 from lmforge.infer.generate import generate
 from lmforge.models import build_model, model_config
-from lmforge.rundir import latest_checkpoint, run_precision
+from lmforge.rundir import decode_precision, latest_checkpoint, run_precision
 from lmforge.runtime import describe_precision, resolve_precision
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import pretrain
@@ -110,6 +110,8 @@ def test_run_precision_on_cpu(debug_config, tmp_path, cpu_bf16):
     cpu_bf16("AVX512_BF16")
     assert run_precision(latest_checkpoint(runs["bf16"]), CPU) == torch.bfloat16
     assert run_precision(latest_checkpoint(runs["fp32"]), CPU) == torch.float32
+    # One sequence decodes in fp32 on a CPU: its matrix-vector products are faster there.
+    assert decode_precision(latest_checkpoint(runs["bf16"]), CPU) == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -79,18 +79,21 @@ def decode_one_token(model: FamilyModel, token: Tensor, pos: int | Tensor) -> Te
 
 
 @functools.cache
-def compiled_decode_one_token(device_type: str) -> Callable[[FamilyModel, Tensor, Tensor], Tensor]:
+def compiled_decode_one_token(
+    device_type: str, fullgraph: bool = True
+) -> Callable[[FamilyModel, Tensor, Tensor], Tensor]:
     """decode_one_token through torch.compile, built once per device type (shared by every
     DecodeBatch, so a second batch of the same shapes reuses the compiled code).
 
     Static shapes: a new batch size or cache length compiles once more. fullgraph: a graph break is
-    an error, not a silent slowdown. On CPU, inductor's C++ wrapper: a decode step is a few dozen
+    an error, not a silent slowdown; False for a model with modules that run eagerly inside a
+    compiled graph (`eager_under_compile`: lmforge.compress.quantize's quantized linears). On CPU, inductor's C++ wrapper: a decode step is a few dozen
     small kernels, and calling them from generated C++ instead of Python took a third off the
     compiled step of the tiny llama (benchmarks/generate_bench.py; the compile takes longer).
     """
     cpp_wrapper = device_type == "cpu"
     return torch.compile(
-        decode_one_token, fullgraph=True, dynamic=False, options={"cpp_wrapper": cpp_wrapper}
+        decode_one_token, fullgraph=fullgraph, dynamic=False, options={"cpp_wrapper": cpp_wrapper}
     )
 
 
@@ -126,7 +129,8 @@ class DecodeBatch:
         self.dtype = dtype
         self.device = next(model.parameters()).device
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,) tokens cached
-        self._decode = compiled_decode_one_token(self.device.type) if compile else decode_one_token
+        fullgraph = not any(getattr(m, "eager_under_compile", False) for m in model.modules())
+        self._decode = compiled_decode_one_token(self.device.type, fullgraph) if compile else decode_one_token
         self._was_training = model.training
 
     def __enter__(self) -> DecodeBatch:
