@@ -655,7 +655,8 @@ def compress_report(
         "torch": torch.__version__,
         "quality": "fp32, the baseline's validation windows (20 batches of 4)",
         "speed": f"eval: one forward of 4 windows; decode: batch 1, greedy, 32-token prompt, {new_tokens} new "
-        f"tokens; median of {rounds} alternated rounds (min-max)",
+        f"tokens; median of {rounds} alternated rounds (min-max); each variant computes as lmforge eval and "
+        "lmforge generate run it (the compute column)",
     }
     files = write_report(variants, Path(out), context)
     print((Path(out) / "report.md").read_text(), end="")

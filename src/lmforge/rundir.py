@@ -186,14 +186,22 @@ def run_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
     return resolve_precision(precision, device)
 
 
+WEIGHT_ONLY = (
+    "int8-weight",
+    "int4-weight",
+    "float8-weight",
+)  # the quantization schemes that keep float activations
+
+
 def decode_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
     """The compute dtype for generating one sequence with a checkpoint on `device`: run_precision,
     except fp32 on a CPU for a model of plain weights. A decode step multiplies one row by every
     weight matrix, and there PyTorch's fp32 matrix-vector product beats bf16's while bf16 autocast
     over fp32 weights converts every weight at every step (measured, llama 124m shape, batch 1, 2
-    threads: fp32 31.7 tokens/s, bf16 autocast 9.6, bf16 weights 29.9). A quantized model keeps the
-    run's precision: its CPU kernels compute in bf16 (lmforge.compress.quantize)."""
-    if device.type == "cpu" and not load_config(ckpt_dir / "config.yaml").compress.quantize:
+    threads: fp32 31.7 tokens/s, bf16 autocast 9.6, bf16 weights 29.9). A weight-only quantized model
+    keeps the run's precision: its CPU kernels compute in bf16 (lmforge.compress.quantize);
+    int8-dynamic's integer matmul takes fp32 activations."""
+    if device.type == "cpu" and load_config(ckpt_dir / "config.yaml").compress.quantize not in WEIGHT_ONLY:
         return torch.float32
     return run_precision(ckpt_dir, device)
 

@@ -13,7 +13,10 @@ from lmforge.cli import main
 from lmforge.compress.report import _pareto
 from lmforge.data.loader import val_batches
 from lmforge.evaluate.perplexity import evaluate_loss
+from lmforge.rundir import resolve_checkpoint, run_precision
 from lmforge.train.pretrain import pretrain
+
+CPU = torch.device("cpu")
 
 QUIET = {"progress": False, "tensorboard": False, "plot": False}
 
@@ -62,6 +65,9 @@ def test_the_report_writes_a_table_figures_and_a_plot(runs, tmp_path, capsys, pr
     assert rows["student"]["params"] < rows["base"]["params"]
     assert rows["student"]["bytes"] < rows["base"]["bytes"]
     for row in rows.values():
+        # Evaluation in the run's precision, one prompt decoded in fp32 (a plain model on a CPU).
+        run_dtype = "bf16" if run_precision(resolve_checkpoint(base), CPU) == torch.bfloat16 else "fp32"
+        assert row["compute"] == f"{run_dtype} / fp32"
         assert row["eval_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
         low, high = row["decode_spread"]
         assert low <= row["decode_tokens_per_s"] <= high

@@ -37,7 +37,14 @@ from lmforge.errors import ConfigError
 from lmforge.evaluate.perplexity import evaluate_loss
 from lmforge.infer.generate import generate
 from lmforge.models import FamilyModel
-from lmforge.rundir import data_dir_for, meta_model, resolve_checkpoint, sha256_file
+from lmforge.rundir import (
+    data_dir_for,
+    decode_precision,
+    meta_model,
+    resolve_checkpoint,
+    run_precision,
+    sha256_file,
+)
 
 Loader = Callable[[Path, torch.device], tuple[FamilyModel, Tokenizer]]
 
@@ -56,6 +63,7 @@ class Variant:
     eval_spread: tuple[float, float] = (math.nan, math.nan)
     decode_tokens_per_s: float = math.nan
     decode_spread: tuple[float, float] = (math.nan, math.nan)
+    compute: str = ""  # the dtypes evaluation and decoding compute in, e.g. "bf16 / fp32"
     extra: dict = field(default_factory=dict)
 
 
@@ -111,12 +119,17 @@ def _median_and_spread(values: list[float]) -> tuple[float, tuple[float, float]]
 
 
 @torch.no_grad()
-def _eval_call(model: nn.Module, tokens: torch.Tensor) -> None:
-    model(tokens)
+def _eval_call(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> None:
+    with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        model(tokens)
 
 
-def _decode_call(model: FamilyModel, prompt: list[int], new_tokens: int) -> int:
-    return sum(1 for _ in generate(model, prompt, new_tokens, temperature=0.0))
+def _decode_call(model: FamilyModel, prompt: list[int], new_tokens: int, dtype: torch.dtype) -> int:
+    return sum(1 for _ in generate(model, prompt, new_tokens, temperature=0.0, dtype=dtype))
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def measure(
@@ -130,7 +143,10 @@ def measure(
     new_tokens: int = 128,
 ) -> list[Variant]:
     """The report's rows, the baseline (runs[0]) first. Quality on `eval_batches` validation batches of
-    `eval_batch` windows; speed over `rounds` alternated rounds (each after one warm-up call)."""
+    `eval_batch` windows, in fp32; speed over `rounds` alternated rounds (each after one warm-up
+    call), each variant computing as users run it: evaluation in its run's precision on `device`
+    (`lmforge eval`), decoding in decode_precision (`lmforge generate`: fp32 on a CPU, except a
+    quantized model, whose kernels compute in bf16)."""
     ckpt_dirs = [resolve_checkpoint(r) for r in runs]
     tokenizer_sha = sha256_file(ckpt_dirs[0] / "tokenizer.json")
     for run, ckpt_dir in zip(runs, ckpt_dirs, strict=True):
@@ -139,9 +155,10 @@ def measure(
                 f"{run} has another tokenizer than the baseline {runs[0]}: their losses do not compare"
             )
     batches = baseline_batches(runs[0], eval_batch, eval_batches)
-    models, variants = [], []
+    models, variants, dtypes = [], [], []
     for run, ckpt_dir in zip(runs, ckpt_dirs, strict=True):
         model, _ = load(ckpt_dir, device)
+        dtypes.append((run_precision(ckpt_dir, device), decode_precision(ckpt_dir, device)))
         cfg = load_config(ckpt_dir / "config.yaml")
         quality = evaluate_loss(model, batches, device, torch.float32)
         variants.append(
@@ -154,23 +171,25 @@ def measure(
                 bytes=weight_bytes(ckpt_dir),
                 val_loss=quality["val_loss"],
                 ppl=quality["val_ppl"],
+                compute=" / ".join(_short(d) for d in dtypes[-1]),
             )
         )
         models.append(model)
     eval_tokens = batches[0][0][:eval_batch].to(device)  # (B, T)
     prompt = batches[0][0][0, :prompt_tokens].tolist()
-    for model in models:  # warm-up: first-call allocations, lazy kernels, a compiled artifact's compile
-        _eval_call(model, eval_tokens)
-        _decode_call(model, prompt, 4)
+    for model, (eval_dtype, decode_dtype) in zip(models, dtypes, strict=True):  # warm-up: first-call
+        _eval_call(model, eval_tokens, eval_dtype)  # allocations, lazy kernels, packed weights
+        _decode_call(model, prompt, 4, decode_dtype)
     eval_times: list[list[float]] = [[] for _ in models]
     decode_rates: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
         for i, model in enumerate(models):
+            eval_dtype, decode_dtype = dtypes[i]
             start = time.perf_counter()
-            _eval_call(model, eval_tokens)
+            _eval_call(model, eval_tokens, eval_dtype)
             eval_times[i].append(eval_tokens.numel() / (time.perf_counter() - start))
             start = time.perf_counter()
-            generated = _decode_call(model, prompt, new_tokens)
+            generated = _decode_call(model, prompt, new_tokens, decode_dtype)
             decode_rates[i].append(generated / (time.perf_counter() - start))
     for variant, evals, decodes in zip(variants, eval_times, decode_rates, strict=True):
         variant.eval_tokens_per_s, variant.eval_spread = _median_and_spread(evals)
@@ -182,8 +201,9 @@ def markdown_table(variants: list[Variant]) -> str:
     """The table, each variant's figures beside their ratio to the baseline's (the first row)."""
     base = variants[0]
     lines = [
-        "| variant | method | params | bytes | x fp32 bytes | val loss | ppl | ppl vs base | eval tok/s | x | decode tok/s | x |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | method | params | bytes | x fp32 bytes | val loss | ppl | ppl vs base | compute (eval / decode) "
+        "| eval tok/s | x | decode tok/s | x |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for v in variants:
         params = f"{v.params / 1e6:.2f}M"
@@ -191,7 +211,7 @@ def markdown_table(variants: list[Variant]) -> str:
             params += f" ({v.nonzero_params / 1e6:.2f}M nonzero)"
         lines.append(
             f"| {v.name} | {v.method} | {params} | {v.bytes / 1e6:.2f} MB | {v.bytes / base.bytes:.3f} | "
-            f"{v.val_loss:.4f} | {v.ppl:.3f} | {100 * (v.ppl / base.ppl - 1):+.2f}% | "
+            f"{v.val_loss:.4f} | {v.ppl:.3f} | {100 * (v.ppl / base.ppl - 1):+.2f}% | {v.compute} | "
             f"{v.eval_tokens_per_s:,.0f} ({v.eval_spread[0]:,.0f}-{v.eval_spread[1]:,.0f}) | "
             f"{v.eval_tokens_per_s / base.eval_tokens_per_s:.2f} | "
             f"{v.decode_tokens_per_s:.1f} ({v.decode_spread[0]:.1f}-{v.decode_spread[1]:.1f}) | "
