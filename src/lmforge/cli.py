@@ -108,12 +108,8 @@ def generate(
         batch_size: Prompts generated together with --input.
         tp: Under torchrun, tensor parallelism: each model is split over this many processes (a model too large for one device); the groups of tp processes split an --input file.
     """
-    from lmforge.api import load_checkpoint
-    from lmforge.infer import generate as generate_module
     from lmforge.infer.generate import check_sampling_args
-    from lmforge.infer.stop import TextStream
-    from lmforge.models import spec_of
-    from lmforge.rundir import decode_precision, resolve_checkpoint, run_precision
+    from lmforge.rundir import resolve_checkpoint
     from lmforge.runtime import resolve_device
 
     stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -131,7 +127,9 @@ def generate(
     if draft is not None and draft_tokens < 1:
         raise ConfigError(f"--draft-tokens must be >= 1, got {draft_tokens}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp < 1 or world_size % tp:
+    if tp < 1:
+        raise ConfigError(f"--tp must be >= 1, got {tp}")
+    if world_size % tp:
         raise ConfigError(f"--tp {tp} must divide the number of processes torchrun starts ({world_size})")
     if world_size > 1 and input is None and tp != world_size:
         raise ConfigError(
@@ -139,22 +137,47 @@ def generate(
             "equal to the number of processes (one model split over all of them)"
         )
     if tp > 1 and (compile or draft is not None):
-        raise ConfigError("--tp generates eagerly with one model: without --compile and --draft")
+        raise ConfigError("--tp decodes eagerly and without a draft: drop --compile and --draft")
     dev = resolve_device(device)
-    if world_size > 1:
-        from lmforge.parallel.mesh import init_distributed, local_device
-
-        dev = local_device(dev)
-        init_distributed(dev, timeout_s=1800)
     ckpt_dir = resolve_checkpoint(run)
+    if tp > 1:
+        from lmforge.parallel.inference import check_tensor_parallel
+
+        check_tensor_parallel(ckpt_dir, tp)  # before the processes meet: a refusal costs nothing
+    from lmforge.parallel.mesh import ParallelDims, local_device
+    from lmforge.train.distributed import process_group
+
+    if world_size > 1:
+        dev = local_device(dev)
+    dims = ParallelDims(pp=1, dp_replicate=1, dp_shard=world_size // tp, tp=tp)
+    with process_group(dims, dev, timeout_s=1800):
+        _generate_in(ckpt_dir, dev, tp, world_size, run, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                     chat, min_p, repetition_penalty, stop, compile, draft, draft_tokens, input, output, batch_size)  # fmt: skip
+
+
+def _generate_in(
+    ckpt_dir: Path, dev, tp: int, world_size: int, run: str, prompt: str, max_new_tokens: int, temperature: float,
+    top_k: int | None, top_p: float | None, seed: int | None, chat: bool, min_p: float | None,
+    repetition_penalty: float, stop: list[str], compile: bool, draft: str | None, draft_tokens: int,
+    input: str | None, output: str | None, batch_size: int,
+) -> None:  # fmt: skip
+    """`generate` inside its process group (a no-op in one process): load, then one prompt or a file."""
+    from lmforge.api import load_checkpoint
+    from lmforge.infer import generate as generate_module
+    from lmforge.infer.stop import TextStream
+    from lmforge.models import spec_of
+    from lmforge.rundir import decode_precision, resolve_checkpoint, run_precision
+
     mesh = None
     if tp > 1:
         from lmforge.data.tokenizer import load_tokenizer
-        from lmforge.parallel.inference import inference_mesh, load_tensor_parallel
+        from lmforge.parallel.inference import inference_mesh, load_tensor_parallel, shared_seed
 
         mesh = inference_mesh(dev, world_size, tp)
         model = load_tensor_parallel(ckpt_dir, mesh["tp"], dev)
         tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json")
+        if seed is None and temperature > 0:  # the processes of a model must draw the same tokens
+            seed = shared_seed()
     else:
         model, tokenizer = load_checkpoint(ckpt_dir, device=dev)
     if spec_of(model).encoder:
@@ -247,11 +270,6 @@ def generate(
                 file=sys.stderr,
             )
 
-    if mesh is not None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-
 
 def _generate_file(
     model, tokenizer, params, input: str, output: str, batch_size: int, eos_id: int | None, encode, dtype,
@@ -271,15 +289,11 @@ def _generate_file(
             mesh["dp"].size(),
             mesh["tp"].get_local_rank() == 0,
         )
-    try:
-        summary = generate_file(
-            model, tokenizer, input, output, params, batch_size=batch_size, eos_id=eos_id, encode=encode,
-            dtype=dtype, compile=compile, rank=rank, world_size=world_size, writer=writer,
-            barrier=dist.barrier if distributed else lambda: None,
-        )  # fmt: skip
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+    summary = generate_file(
+        model, tokenizer, input, output, params, batch_size=batch_size, eos_id=eos_id, encode=encode,
+        dtype=dtype, compile=compile, rank=rank, world_size=world_size, writer=writer,
+        barrier=dist.barrier if distributed else lambda: None,
+    )  # fmt: skip
     if rank == 0 and writer:
         print(json.dumps(summary))
 

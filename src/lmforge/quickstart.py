@@ -30,7 +30,7 @@ from lmforge.data.loader import val_batches
 from lmforge.data.prepare import load_manifest
 from lmforge.evaluate.perplexity import bits_per_byte, token_byte_lengths, unigram_entropy
 from lmforge.infer.generate import complete
-from lmforge.rundir import resolve_checkpoint, run_precision
+from lmforge.rundir import decode_precision, resolve_checkpoint
 from lmforge.train.pretrain import pretrain
 
 # As many steps as fit the wall time of the quickstart before issue 12 (fp32, eager, AdamW, 300
@@ -90,8 +90,8 @@ def quickstart(
     measuring_s = time.perf_counter() - measuring
 
     sampling = time.perf_counter()
-    # The training's choice, as `lmforge generate` makes it, on the device the model was loaded to.
-    dtype = run_precision(checkpoint, next(model.parameters()).device)
+    # As `lmforge generate` decodes one prompt, on the device the model was loaded to.
+    dtype = decode_precision(checkpoint, next(model.parameters()).device)
     print("\nsamples (temperature 0.8, top-k 50):")
     for i, prompt in enumerate(PROMPTS):
         text = complete(model, tokenizer, prompt, 80, temperature=0.8, top_k=50, seed=i, dtype=dtype)

@@ -176,7 +176,7 @@ def meta_model(ckpt_dir: Path) -> FamilyModel:
 
 
 def run_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
-    """The compute dtype for evaluating and generating with a checkpoint on `device`: the one its run
+    """The compute dtype for evaluating (and generating in batches) with a checkpoint on `device`: the one its run
     trained in (config.yaml's train.precision), except that on a CPU a run trained in bf16 or fp16
     gets what `auto` picks there (bf16 where the CPU computes it natively, fp32 where it would only
     emulate it, and CPUs have no fp16 autocast)."""
@@ -184,13 +184,6 @@ def run_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and precision != "fp32":
         precision = "auto"
     return resolve_precision(precision, device)
-
-
-WEIGHT_ONLY = (
-    "int8-weight",
-    "int4-weight",
-    "float8-weight",
-)  # the quantization schemes that keep float activations
 
 
 def decode_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
@@ -201,7 +194,8 @@ def decode_precision(ckpt_dir: Path, device: torch.device) -> torch.dtype:
     threads: fp32 31.7 tokens/s, bf16 autocast 9.6, bf16 weights 29.9). A weight-only quantized model
     keeps the run's precision: its CPU kernels compute in bf16 (lmforge.compress.quantize);
     int8-dynamic's integer matmul takes fp32 activations."""
-    if device.type == "cpu" and load_config(ckpt_dir / "config.yaml").compress.quantize not in WEIGHT_ONLY:
+    quantize = load_config(ckpt_dir / "config.yaml").compress.quantize
+    if device.type == "cpu" and quantize in (None, "", "int8-dynamic"):
         return torch.float32
     return run_precision(ckpt_dir, device)
 

@@ -331,10 +331,8 @@ def test_quantized_models_decode_compiled_as_they_do_eagerly():
     cannot lower their kernels' calls), the greedy tokens are the eager ones."""
     torch.manual_seed(0)
     base = build_model(model_config("llama", "debug")).eval()
-    for scheme in ("int8-weight", "int4-weight"):
+    for scheme in ("int8-weight", "int8-dynamic", "int4-weight"):
         model = quantize_model(copy.deepcopy(base), scheme, 32 if scheme == "int4-weight" else None)
-        eager = list(generate(model, list(range(8)), 4, temperature=0, dtype=torch.bfloat16))
-        assert (
-            list(generate(model, list(range(8)), 4, temperature=0, dtype=torch.bfloat16, compile=True))
-            == eager
-        )
+        dtype = torch.float32 if scheme == "int8-dynamic" else torch.bfloat16  # as decode_precision gives
+        eager = list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype))
+        assert list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype, compile=True)) == eager

@@ -129,39 +129,41 @@ def test_two_gloo_ranks_under_torchrun_write_what_one_process_writes(run, prompt
     assert not list(tmp_path.glob("two.jsonl.*"))
 
 
-def test_a_model_split_over_two_gloo_ranks_with_tp_generates_what_one_process_does(
+def test_models_split_over_gloo_ranks_with_tp_generate_what_one_process_does(
     run, prompts_file, tmp_path, capsys
 ):
-    """Tensor parallelism (--tp 2): each rank holds half of every block's heads and MLP channels and
-    its KV caches half of the heads; the tokens are those of one process, and one rank prints them."""
+    """Tensor parallelism: each rank holds half of every block's heads and MLP channels and its KV
+    caches half of the heads. Four processes with --tp 2 are two models that split the file; their
+    tokens are those of one process. Two processes with --tp 2 are one model: one rank prints, and
+    sampling without --seed draws one seed for both (or they would leave each other's collectives)."""
     one = tmp_path / "one.jsonl"
     args = ["generate", str(run), "--device", "cpu", *GREEDY]
     assert main([*args, "--input", str(prompts_file), "--output", str(one), "--batch-size", "3"]) == 0
     capsys.readouterr()
     assert main([*args, "--prompt", "class Tree:\n    def"]) == 0
     alone = capsys.readouterr().out
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "lmforge", *args, "--tp", "2"]  # fmt: skip
-    two = tmp_path / "two.jsonl"
-    result = subprocess.run(
-        [*torchrun, "--input", str(prompts_file), "--output", str(two), "--batch-size", "3"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=150,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["generated"] == len(PROMPTS)  # one model: all
-    assert two.read_bytes() == one.read_bytes()
-    assert not list(tmp_path.glob("two.jsonl.*"))
-    result = subprocess.run(
-        [*torchrun, "--prompt", "class Tree:\n    def"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=150,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == alone  # printed once, by rank 0
+
+    def torchrun(processes: int, *more: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(processes), "-m", "lmforge", *args, "--tp", "2", *more]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    four = tmp_path / "four.jsonl"
+    result = torchrun(4, "--input", str(prompts_file), "--output", str(four), "--batch-size", "3")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["generated"] == len(PROMPTS) // 2  # model 0's
+    assert four.read_bytes() == one.read_bytes()
+    assert not list(tmp_path.glob("four.jsonl.*"))
+    assert torchrun(2, "--prompt", "class Tree:\n    def").stdout == alone  # printed once, by rank 0
+    sampled = torchrun(2, "--prompt", "def", "--temperature", "0.9", "--max-new-tokens", "24").stdout
+    assert sampled.startswith("def") and sampled.count("\n") >= 1
 
 
-def test_tp_gets_one_line_for_what_it_cannot_do(run, prompts_file, capsys):
+def test_tp_gets_one_line_for_what_it_cannot_do(run, prompts_file, capsys, monkeypatch):
     assert main(["generate", str(run), "--tp", "2", "--prompt", "x"]) == 2  # one process
     assert "--tp 2 must divide the number of processes torchrun starts (1)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # refused before the processes meet: no torchrun needed
+    assert main(["generate", str(run), "--tp", "3", "--input", str(prompts_file), "--output", "o.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmforge: error: --tp 3:") and "divisible" in err and len(err.splitlines()) == 1

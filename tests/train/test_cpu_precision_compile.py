@@ -80,8 +80,8 @@ def test_the_run_says_and_records_which_precision_auto_chose(
     assert f"cpu {chosen} (auto: " in first_line
     for config in (run / "config.yaml", latest_checkpoint(run) / "config.yaml"):
         assert yaml.safe_load(config.read_text())["train"]["precision"] == chosen
-    # Evaluation and generation take the run's choice: `lmforge eval` says which, and `lmforge
-    # generate` hands it to generate().
+    # Evaluation takes the run's choice (`lmforge eval` says which); `lmforge generate` decodes one
+    # prompt in fp32 on a CPU (rundir.decode_precision) and hands that to generate().
     assert run_precision(latest_checkpoint(run), CPU) == (torch.bfloat16 if native else torch.float32)
     capsys.readouterr()
     cli.evaluate(str(run), batches=1, batch_size=2, device="cpu")
@@ -94,7 +94,7 @@ def test_the_run_says_and_records_which_precision_auto_chose(
 
     monkeypatch.setattr(generate_module, "generate", recording_generate)
     cli.generate(str(run), prompt="def ", max_new_tokens=2, device="cpu")
-    assert given == [torch.bfloat16 if native else torch.float32]
+    assert given == [torch.float32]
 
 
 def test_run_precision_on_cpu(debug_config, tmp_path, cpu_bf16):

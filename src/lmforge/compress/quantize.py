@@ -38,10 +38,11 @@ and tinygemm's `aten._weight_int4pack_mm_for_cpu` (on a packed copy of the int4 
 activations they are 2.4x (int8) and 2x (int4) faster than an fp32 matmul for one token, with fp32
 activations several times slower, and for many rows a bf16 matmul of the converted weight wins
 (measured on a Xeon with AMX, K=768, N=2304: INT8PACK_MAX_ROWS, INT4PACK_MAX_ROWS).
-`Int8WeightOnlyLinear` and `Int4WeightOnlyLinear` pick between them. `Int8DynamicLinear` multiplies
-int8-dynamic's int8 activations and weights with `torch._int_mm` (2.3x an fp32 matmul for 1024 rows). They compute in the autocast
+`Int8WeightOnlyLinear` and `Int4WeightOnlyLinear` pick between them. They compute in the autocast
 dtype the run's precision gives (bf16 on a CPU with native bf16), never in a dtype of their own: a
 weight-only model is fast where its run computes in bf16; in fp32 it computes exactly, slowly.
+`Int8DynamicLinear` multiplies int8-dynamic's int8 activations and weights with `torch._int_mm`
+(2.3x an fp32 matmul for 1024 rows) and computes in the activations' dtype, as torchao's linear.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ class Int8DynamicLinear(nn.Linear):
 
     eager_under_compile = True  # see _eager_under_compile
 
-    _row_sums: tuple[int, Tensor] | None = None  # (the values' version, the int32 sum of each row)
+    _row_sums: tuple[tuple[int, int], Tensor] | None = None  # ((data pointer, version), row sums)
 
     @_eager_under_compile
     def forward(self, x: Tensor) -> Tensor:
@@ -252,8 +253,9 @@ class Int8DynamicLinear(nn.Linear):
     def _weight_row_sums(self) -> Tensor:
         """The int32 sum of each output row of the int8 weight, again after the values change in place."""
         qdata = cast(Any, self.weight).qdata
-        if self._row_sums is None or self._row_sums[0] != qdata._version:
-            self._row_sums = (qdata._version, qdata.sum(dim=-1, dtype=torch.int32))
+        key = (qdata.data_ptr(), qdata._version)
+        if self._row_sums is None or self._row_sums[0] != key:
+            self._row_sums = (key, qdata.sum(dim=-1, dtype=torch.int32))
         return self._row_sums[1]
 
 

@@ -45,6 +45,7 @@ from lmforge.rundir import (
     run_precision,
     sha256_file,
 )
+from lmforge.runtime import PRECISION_NAMES, autocast
 
 Loader = Callable[[Path, torch.device], tuple[FamilyModel, Tokenizer]]
 
@@ -120,16 +121,12 @@ def _median_and_spread(values: list[float]) -> tuple[float, tuple[float, float]]
 
 @torch.no_grad()
 def _eval_call(model: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> None:
-    with torch.autocast(tokens.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast(tokens.device, dtype):
         model(tokens)
 
 
 def _decode_call(model: FamilyModel, prompt: list[int], new_tokens: int, dtype: torch.dtype) -> int:
     return sum(1 for _ in generate(model, prompt, new_tokens, temperature=0.0, dtype=dtype))
-
-
-def _short(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def measure(
@@ -146,7 +143,7 @@ def measure(
     `eval_batch` windows, in fp32; speed over `rounds` alternated rounds (each after one warm-up
     call), each variant computing as users run it: evaluation in its run's precision on `device`
     (`lmforge eval`), decoding in decode_precision (`lmforge generate`: fp32 on a CPU, except a
-    quantized model, whose kernels compute in bf16)."""
+    weight-only quantized model, which keeps the run's precision: its kernels compute in bf16)."""
     ckpt_dirs = [resolve_checkpoint(r) for r in runs]
     tokenizer_sha = sha256_file(ckpt_dirs[0] / "tokenizer.json")
     for run, ckpt_dir in zip(runs, ckpt_dirs, strict=True):
@@ -171,7 +168,7 @@ def measure(
                 bytes=weight_bytes(ckpt_dir),
                 val_loss=quality["val_loss"],
                 ppl=quality["val_ppl"],
-                compute=" / ".join(_short(d) for d in dtypes[-1]),
+                compute=" / ".join(PRECISION_NAMES[d] for d in dtypes[-1]),
             )
         )
         models.append(model)

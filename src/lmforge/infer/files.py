@@ -54,11 +54,17 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def complete_lines(path: Path, truncate: bool) -> list[dict]:
+def _cut_torn_line(path: Path) -> None:
+    """Cut a last line without its newline (a crash mid-write) off the file, if it exists."""
+    if path.exists():
+        complete_lines(path, truncate=True, parse=False)
+
+
+def complete_lines(path: Path, truncate: bool, parse: bool = True) -> list[dict]:
     """The JSON records of a file's complete lines (none if it does not exist).
 
     A last line without its newline was cut by a crash: it is dropped, and with truncate=True also
-    cut off the file, so that appending goes on from the last complete line.
+    cut off the file, so that appending goes on from the last complete line. parse=False: only that.
     """
     if not path.exists():
         return []
@@ -67,6 +73,8 @@ def complete_lines(path: Path, truncate: bool) -> list[dict]:
     if truncate and end < len(data):
         with path.open("r+b") as file:
             file.truncate(end)
+    if not parse:
+        return []
     records = []
     for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
         try:
@@ -116,8 +124,9 @@ def generate_file(
     finished = complete_lines(output_path, truncate=False)  # an earlier run's complete output
     _check_same_prompts(finished, range(len(finished)), prompts, output_path)
     if writer:  # a torn last line of this rank's own part (a crash mid-write) is cut off first
-        complete_lines(_part_path(output_path, rank), truncate=True)
-    barrier()  # then every process reads the same parts, so that a model's processes agree on the work
+        _cut_torn_line(_part_path(output_path, rank))
+    barrier()  # then every process reads the same parts (and fails alike on a bad one), so that a
+    # model's processes agree on the work
     done = {}
     for part in sorted(output_path.parent.glob(f"{output_path.name}.part-*")):
         records = complete_lines(part, truncate=False)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 
 class KVCache(nn.Module):
@@ -114,7 +115,7 @@ def local_heads(projection: nn.Linear, heads: int) -> int:
     shard (a DTensor weight split by output rows = by whole heads, lmforge.parallel.tensor) the share
     its local rows hold. The KV cache of a shard holds only its own heads."""
     weight = projection.weight
-    local = weight.to_local() if hasattr(weight, "to_local") else weight  # a DTensor's shard
+    local = weight.to_local() if isinstance(weight, DTensor) else weight  # a DTensor's shard
     return heads * local.shape[0] // weight.shape[0]
 
 

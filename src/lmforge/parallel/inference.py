@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lmforge.config import load_config
@@ -27,15 +28,14 @@ from lmforge.rundir import load_model_weights, meta_model
 
 
 def inference_mesh(device: torch.device, world_size: int, tp: int) -> DeviceMesh:
-    """The (dp, tp) mesh of `world_size` processes, tp consecutive ranks per model."""
-    if tp < 1 or world_size % tp:
-        raise ConfigError(f"--tp {tp} must divide the number of processes ({world_size})")
+    """The (dp, tp) mesh of `world_size` processes, tp consecutive ranks per model (tp divides it)."""
     return init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def load_tensor_parallel(ckpt_dir: Path, tp_mesh: DeviceMesh, device: torch.device) -> FamilyModel:
-    """The checkpoint's model (eval mode, fp32) sharded over `tp_mesh`; ConfigError (one line) for a
-    model that cannot be: a compressed or LoRA run, an encoder, or heads that do not split."""
+def check_tensor_parallel(ckpt_dir: Path, tp: int) -> None:
+    """ConfigError (one line) for a checkpoint that cannot be split over `tp` processes: a quantized
+    or LoRA run, an encoder, or a shape that does not split (lmforge.parallel.tensor.validate_tp:
+    the heads, and the widths of the matmuls). Reads the config only."""
     cfg = load_config(ckpt_dir / "config.yaml")
     if cfg.compress.quantize:
         raise ConfigError(
@@ -52,11 +52,25 @@ def load_tensor_parallel(ckpt_dir: Path, tp_mesh: DeviceMesh, device: torch.devi
             f"{ckpt_dir} is an encoder (model family {spec_of(model).name}): it does not generate text"
         )
     try:
-        validate_tp(model.cfg, tp_mesh.size())
+        validate_tp(model.cfg, tp)
     except ValueError as error:
-        raise ConfigError(f"--tp {tp_mesh.size()}: {error}") from None
+        raise ConfigError(f"--tp {tp}: {error}") from None
+
+
+def load_tensor_parallel(ckpt_dir: Path, tp_mesh: DeviceMesh, device: torch.device) -> FamilyModel:
+    """The checkpoint's model (eval mode, fp32) sharded over `tp_mesh` (check_tensor_parallel first)."""
+    model = meta_model(ckpt_dir)
     apply_tensor_parallel(model, tp_mesh, sequence_parallel=False)
     model.to_empty(device=device)
     model.init_weights()  # fills the buffers that are not saved (RoPE tables) and re-ties the head
     load_model_weights(model, ckpt_dir / "model")  # each rank reads its own shards
     return model.eval()
+
+
+def shared_seed() -> int:
+    """A random sampling seed drawn by rank 0 and given to every process: the processes of one
+    tensor-parallel model must sample the same tokens (each would otherwise seed from the OS, feed
+    the model other tokens and leave the collectives out of step)."""
+    seed = [int(torch.randint(0, 2**62, ()).item()) if dist.get_rank() == 0 else 0]
+    dist.broadcast_object_list(seed, src=0)
+    return seed[0]
