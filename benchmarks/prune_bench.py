@@ -19,7 +19,8 @@ Speed: the llama 124m shape with random weights (speed does not depend on them),
 channels pruned by 25% through prune_heads_channels (one random calibration batch), against the
 unpruned shape: tokens/s of a batched forward (the logits of 4 x 256 tokens, as `lmforge eval`
 computes them), fp32, 2 threads, eager, rounds alternated so that drift in the machine's load hits
-both alike. At the flavor's vocabulary (50304) and at our tokenizer's (8192): the output head, which
+both alike (--bf16: also under bf16 autocast, what precision auto computes in on a CPU with native
+bf16). At the flavor's vocabulary (50304) and at our tokenizer's (8192): the output head, which
 pruning leaves whole, is a third of the 124m model's matmuls at 50304. Target: >= 1.25x.
 With CUDA: also 2:4 (torchao's semi-structured sparse weights) against dense, fp16, on the GPU.
 """
@@ -41,6 +42,7 @@ from lmforge.compress.prune import prune_heads_channels, recovery_config
 from lmforge.config import save_config
 from lmforge.models import build_model, model_config
 from lmforge.rundir import data_dir_for, resolve_checkpoint
+from lmforge.runtime import autocast
 
 VARIANTS = {  # name -> the arguments of `lmforge compress prune` after RUN
     "magnitude-50-global": ["--method", "magnitude", "--sparsity", "0.5", "--scope", "global"],
@@ -113,13 +115,14 @@ def quality(run: str, out: Path, variants: dict[str, list[str]]) -> None:
 
 
 @torch.no_grad()
-def tokens_per_s(model: torch.nn.Module, idx: torch.Tensor) -> float:
+def tokens_per_s(model: torch.nn.Module, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     started = time.perf_counter()
-    model(idx)  # the logits, as lmforge eval computes them
+    with torch.no_grad(), autocast(idx.device, dtype):
+        model(idx)  # the logits, as lmforge eval computes them
     return idx.numel() / (time.perf_counter() - started)
 
 
-def speed(rounds: int, vocab_size: int) -> dict:
+def speed(rounds: int, vocab_size: int, dtype: torch.dtype = torch.float32) -> dict:
     torch.manual_seed(0)
     cfg = model_config("llama", "124m", vocab_size=vocab_size, max_seq_len=256)
     whole = build_model(cfg).eval()
@@ -127,13 +130,14 @@ def speed(rounds: int, vocab_size: int) -> dict:
     idx = torch.randint(0, vocab_size, (4, 256))
     results: dict[str, list[float]] = {"unpruned": [], "pruned": []}
     for model in (whole, pruned):  # warm-up: allocator, first-call overheads
-        tokens_per_s(model, idx)
+        tokens_per_s(model, idx, dtype)
     for _ in range(rounds):  # alternated
-        results["unpruned"].append(tokens_per_s(whole, idx))
-        results["pruned"].append(tokens_per_s(pruned, idx))
+        results["unpruned"].append(tokens_per_s(whole, idx, dtype))
+        results["pruned"].append(tokens_per_s(pruned, idx, dtype))
     speedups = [p / u for u, p in zip(results["unpruned"], results["pruned"], strict=True)]
     return {
         "vocab_size": vocab_size,
+        "compute": str(dtype).removeprefix("torch."),
         "shape": {"n_heads": pruned.cfg.n_heads, "n_kv_heads": pruned.cfg.n_kv_heads, "ffn_hidden": pruned.cfg.ffn_hidden},
         "params": {"unpruned": whole.num_params(), "pruned": pruned.num_params()},
         "matmul_ratio": _matmul_params(whole) / _matmul_params(pruned),
@@ -201,17 +205,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--bf16", action="store_true", help="speed also under bf16 autocast (precision auto here)"
+    )
     args = parser.parse_args()
     if not args.skip_speed:
         torch.set_num_threads(args.threads)
         for vocab_size in (50304, 8192):
-            result = speed(args.rounds, vocab_size)
-            print(json.dumps(result), flush=True)
-            print(f"124m shape, vocab {vocab_size}: pruned {result['tokens_per_s']['pruned']:.0f} tokens/s, "
-                  f"unpruned {result['tokens_per_s']['unpruned']:.0f}: {result['speedup_median']:.3f}x "
-                  f"(range {result['speedup_range'][0]:.3f}-{result['speedup_range'][1]:.3f}; matmul weights "
-                  f"{result['matmul_ratio']:.3f}x fewer), CPU, {args.threads} threads, fp32, 4 x 256, "
-                  f"{args.rounds} rounds alternated, torch {torch.__version__}", flush=True)  # fmt: skip
+            for dtype in [torch.float32, torch.bfloat16][: 2 if args.bf16 else 1]:
+                result = speed(args.rounds, vocab_size, dtype)
+                print(json.dumps(result), flush=True)
+                print(f"124m shape, vocab {vocab_size}: pruned {result['tokens_per_s']['pruned']:.0f} tokens/s, "
+                      f"unpruned {result['tokens_per_s']['unpruned']:.0f}: {result['speedup_median']:.3f}x "
+                      f"(range {result['speedup_range'][0]:.3f}-{result['speedup_range'][1]:.3f}; matmul weights "
+                      f"{result['matmul_ratio']:.3f}x fewer), CPU, {args.threads} threads, {result['compute']}, "
+                      f"4 x 256, {args.rounds} rounds alternated, torch {torch.__version__}", flush=True)  # fmt: skip
         gpu = gpu_2_4(args.rounds)
         print(json.dumps(gpu) if gpu else "2:4 on GPU: skipped, no CUDA here", flush=True)
     if not args.skip_quality:
