@@ -485,7 +485,7 @@ def export(
 
     Args:
         run: Run directory (its newest checkpoint) or checkpoint directory.
-        out: Output directory (default: RUN/export, RUN/export-hf or RUN/export-peft); for gguf the output file (default: RUN/model-OUTTYPE.gguf; for a checkpoint directory RUN/model-step_N-OUTTYPE.gguf).
+        out: Output directory (default: RUN/export, RUN/export-hf or RUN/export-peft; for a checkpoint directory, in its run: export-step_N, ...); for gguf the output file (default: RUN/model-OUTTYPE.gguf; for a checkpoint directory RUN/model-step_N-OUTTYPE.gguf).
         format: lmforge (model.safetensors, config.yaml, tokenizer.json), hf (a Hugging Face transformers model directory: AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer load it), peft (a LoRA run's adapters alone, as PEFT saves them) or gguf (one file for llama.cpp, Ollama and LM Studio; needs the gguf package). lmforge, hf and gguf write a LoRA run merged.
         outtype: gguf's weight type: f32 (exact), bf16, or q8_0 (8-bit blocks, about a quarter of f32); norms stay f32.
     """
@@ -497,19 +497,13 @@ def export(
     if format == "gguf":
         from lmforge.gguf import export_gguf
 
-        default = Path(run) / f"model-{outtype}.gguf"
-        if ckpt_dir == Path(run):  # never into the checkpoint: a file its manifest lacks fails its check
-            home = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir.parent
-            default = home / f"model-{ckpt_dir.name}-{outtype}.gguf"
+        default = _export_home(run, ckpt_dir) / f"model{_export_suffix(run, ckpt_dir)}-{outtype}.gguf"
         path = export_gguf(ckpt_dir, Path(out) if out else default, outtype)
         record = {"exported": str(path), "format": format, "outtype": outtype, "bytes": path.stat().st_size}
         print(json.dumps(record))
         return
-    out_dir = (
-        Path(out)
-        if out
-        else Path(run) / {"lmforge": "export", "hf": "export-hf", "peft": "export-peft"}[format]
-    )
+    name = {"lmforge": "export", "hf": "export-hf", "peft": "export-peft"}[format]
+    out_dir = Path(out) if out else _export_home(run, ckpt_dir) / f"{name}{_export_suffix(run, ckpt_dir)}"
     if format == "lmforge":
         path = export_checkpoint(ckpt_dir, out_dir)
     else:
@@ -517,6 +511,19 @@ def export(
 
         path = (export_hf if format == "hf" else export_peft)(ckpt_dir, out_dir)
     print(json.dumps({"exported": str(path), "format": format, "bytes": path.stat().st_size}))
+
+
+def _export_home(run: str, ckpt_dir: Path) -> Path:
+    """Where an export goes without --out: the run directory, also when RUN names one of its
+    checkpoints (never into the checkpoint: a file its manifest lacks fails its check)."""
+    if ckpt_dir != Path(run):
+        return Path(run)
+    return ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir.parent
+
+
+def _export_suffix(run: str, ckpt_dir: Path) -> str:
+    """'-step_N' when RUN names a checkpoint (its export is told apart from the newest one's)."""
+    return f"-{ckpt_dir.name}" if ckpt_dir == Path(run) else ""
 
 
 def import_hf(hf_dir: str, out: str | None = None) -> None:

@@ -200,6 +200,19 @@ def test_the_cli_exports_and_refuses_what_it_cannot(exported, tmp_path):
     assert bad.stderr.startswith("lmforge: error: ") and "format" in bad.stderr, bad.stderr
 
 
+def test_an_export_of_a_checkpoint_without_out_goes_beside_it_in_its_run(exported, capsys):
+    """Never into the checkpoint directory: a file its manifest lacks would fail its check."""
+    from lmforge.cli import main
+    from lmforge.rundir import resolve_checkpoint
+
+    _, ckpt, _ = exported
+    assert main(["export", str(ckpt), "--format", "hf"]) == 0
+    written = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["exported"])
+    assert written.parent == ckpt.parent.parent / f"export-hf-{ckpt.name}"
+    assert not any(p.name.startswith("export") for p in ckpt.iterdir())
+    resolve_checkpoint(ckpt)  # still verifies against its manifest
+
+
 # ---------------------------------------------------------------------------- import
 
 
