@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -86,6 +88,35 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def quiet_torchao() -> Iterator[None]:
+    """Within the block, torchao's imports (and its first calls, which import more of it) log no
+    warnings: one for each optional CUDA extension a CPU-only machine cannot load, and torch's for an
+    enum torchao registers. Noise for a user of `lmforge generate` or `compress`."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def require_float8_gpu(device: torch.device, what: str) -> None:
+    """ConfigError (one line, naming `what`) unless `device` is an NVIDIA GPU of compute capability
+    >= 8.9 (Ada, Hopper, Blackwell): float8 matmuls need one."""
+    if device.type != "cuda":
+        raise ConfigError(f"{what} needs a CUDA GPU of compute capability >= 8.9; the device is {device}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ConfigError(
+            f"{what} needs a GPU of compute capability >= 8.9; "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+        )
 
 
 def configure_backends(device: torch.device) -> None:

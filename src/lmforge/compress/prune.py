@@ -34,7 +34,6 @@ runs it with the config `recovery_config` makes (lmforge.cli.compress_prune).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -77,6 +76,7 @@ from lmforge.rundir import (
     model_state_dict,
     sha256_file,
 )
+from lmforge.runtime import quiet_torchao
 
 METHODS: tuple[str, ...] = ("magnitude", "heads-channels", "2:4")
 
@@ -138,17 +138,11 @@ def prune_2_4(model: nn.Module) -> None:
 def _torchao_fake_sparsity():
     """torchao.sparsity.apply_fake_sparsity, imported without the warnings its import logs on a CPU
     machine (its CUDA kernels not loaded; a deprecation inside torch.utils._pytree)."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.ERROR)
     try:
-        from torchao.sparsity import apply_fake_sparsity
+        with quiet_torchao():
+            from torchao.sparsity import apply_fake_sparsity
     except ImportError:
         raise ConfigError("--method 2:4 needs torchao: pip install torchao") from None
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
     return apply_fake_sparsity
 
 

@@ -47,9 +47,7 @@ weight-only model is fast where its run computes in bf16; in fp32 it computes ex
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 from dataclasses import replace
@@ -77,6 +75,7 @@ from lmforge.rundir import (
     read_manifest,
     sha256_file,
 )
+from lmforge.runtime import quiet_torchao, require_float8_gpu
 
 SCHEMES = ("int8-weight", "int8-dynamic", "int4-weight", "float8-weight")
 GROUP_SIZES = (16, 32, 64, 128, 256)  # int4-weight: those of QatConfig
@@ -99,25 +98,10 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float
 # ---------------------------------------------------------------------------- torchao
 
 
-@contextlib.contextmanager
-def _quiet_import():
-    """torchao's import logs a warning for each optional CUDA extension it cannot load (every CPU-only
-    machine) and torch one for an enum it registers: noise for a user of `lmforge generate`."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
 def _torchao():
     """The torchao.quantization module (imported on first use: `import lmforge` stays light)."""
     try:
-        with _quiet_import():
+        with quiet_torchao():
             import torchao.quantization as quantization
     except ImportError:
         raise ConfigError("quantization needs torchao: pip install 'torchao>=0.18'") from None
@@ -169,18 +153,8 @@ def check_device(scheme: str, device: torch.device) -> None:
     """ConfigError (one line) unless this device runs `scheme`."""
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown quantization scheme '{scheme}' (expected one of {', '.join(SCHEMES)})")
-    if scheme != "float8-weight":
-        return  # the int8 and int4 schemes run on a CPU and on any GPU
-    if device.type != "cuda":
-        raise ConfigError(
-            f"quantization scheme float8-weight needs a CUDA GPU of compute capability >= 8.9; the device is {device}"
-        )
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
-        raise ConfigError(
-            f"quantization scheme float8-weight needs a GPU of compute capability >= 8.9; "
-            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
-        )
+    if scheme == "float8-weight":  # the int8 and int4 schemes run on a CPU and on any GPU
+        require_float8_gpu(device, "quantization scheme float8-weight")
 
 
 # ---------------------------------------------------------------------------- the quantized modules
@@ -411,7 +385,7 @@ def quantize_model(
     linears = _quantized_linears(model)
     in_blocks = f"{spec_of(model).blocks}."
     trained = {m for name, m in linears.items() if qat_blocks and name.startswith(in_blocks)}
-    with _quiet_import():  # torchao imports some of its modules on the first call
+    with quiet_torchao():  # torchao imports some of its modules on the first call
         if trained:
             ao.quantize_(
                 model, linear_config(scheme, group_size), filter_fn=lambda module, fqn: module in trained

@@ -19,20 +19,12 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models import spec_of
+from lmforge.runtime import require_float8_gpu
 
 
 def check_float8_device(device: torch.device) -> None:
     """float8 matmuls need an NVIDIA GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell)."""
-    if device.type != "cuda":
-        raise ConfigError(
-            f"config key 'train.float8' needs a CUDA GPU of compute capability >= 8.9; the device is {device}"
-        )
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
-        raise ConfigError(
-            f"config key 'train.float8' needs a GPU of compute capability >= 8.9; "
-            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
-        )
+    require_float8_gpu(device, "config key 'train.float8'")
 
 
 def apply_float8(model: nn.Module) -> int:

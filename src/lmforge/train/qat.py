@@ -28,35 +28,19 @@ groups would be chosen per shard) or pipeline stages (not tested): each is refus
 
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import torch
 from torch import nn
 
 from lmforge.config import LoraConfig, QatConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.models import spec_of
-
-
-@contextlib.contextmanager
-def _quiet_import():
-    """torchao's import logs a warning for each CUDA extension a CPU-only machine cannot load."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+from lmforge.runtime import quiet_torchao
 
 
 def qat_configs(qat: QatConfig):
     """torchao's QATConfig for the prepare step of `qat.scheme`."""
     try:
-        with _quiet_import():
+        with quiet_torchao():
             from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup
             from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
     except ImportError:
@@ -118,7 +102,7 @@ def apply_qat(model: nn.Module, qat: QatConfig) -> int:
 
     config = qat_configs(qat)
     before = sum(type(m) is nn.Linear for m in model.modules())
-    with _quiet_import():  # torchao imports its prototype QAT modules on the first call
+    with quiet_torchao():  # torchao imports its prototype QAT modules on the first call
         from torchao.quantization import quantize_
 
         quantize_(model, config, filter_fn=eligible)
