@@ -22,6 +22,7 @@ from lmforge.api import load
 from lmforge.cli import main
 from lmforge.compress.quantize import (
     INT4PACK_MAX_ROWS,
+    INT8_REDUCE_MAX_ROWS,
     INT8PACK_MAX_ROWS,
     Int4WeightOnlyLinear,
     Int8DynamicLinear,
@@ -36,9 +37,10 @@ from lmforge.compress.quantize import (
 )
 from lmforge.config import load_config
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.infer.generate import generate
+from lmforge.infer.generate import DecodeBatch, generate
 from lmforge.models import build_model, model_config
-from lmforge.rundir import MANIFEST, latest_checkpoint, sha256_file
+from lmforge.rundir import MANIFEST, decode_precision, latest_checkpoint, run_precision, sha256_file
+from lmforge.runtime import cpu_native_bf16
 from lmforge.train.pretrain import pretrain
 
 CPU_SCHEMES = ["int8-weight", "int8-dynamic", "int4-weight"]
@@ -300,6 +302,47 @@ def test_weight_only_linears_use_the_cpu_kernels_for_few_rows_in_bf16(scheme, ke
     )
 
 
+def test_int8_weight_linear_compiles_whole_reading_the_int8_weight():
+    """Inside a compiled step, int8-weight's CPU linear is traced (no graph break, `fullgraph`), never
+    calls PyTorch's int8 kernel, and gives the dequantized weight's product: few rows by the
+    multiply-and-sum, more by the matmul of the converted weight, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    model = build_model(model_config("llama", "debug")).eval()
+    quantize_model(model, "int8-weight")
+    assert not any(getattr(m, "eager_under_compile", False) for m in model.modules())
+    layer = model.layers["0"].feed_forward.w1
+    layer.bias = torch.nn.Parameter(torch.randn(layer.out_features))  # the bias path too
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    dequantized = layer.weight.dequantize()
+    for rows in (1, INT8_REDUCE_MAX_ROWS, INT8_REDUCE_MAX_ROWS + 1):
+        x = torch.randn(1, rows, 64)
+        reference = F.linear(x, dequantized, layer.bias)
+        with torch.no_grad(), profile() as prof:
+            y = compiled(x)
+        assert "aten::_weight_int8pack_mm" not in {e.key for e in prof.key_averages()}
+        torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            y = compiled(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_decode_precision_of_quantized_runs(artifacts, tmp_path):
+    """One prompt on a CPU: int8-dynamic in fp32; the weight-only schemes in the run's precision,
+    except int8-weight compiled (its compiled step reads the int8 weight in fp32)."""
+    cpu = torch.device("cpu")
+    for scheme, out in artifacts.items():
+        config = yaml.safe_load((latest_checkpoint(out) / "config.yaml").read_text())
+        config["train"]["precision"] = "bf16"  # a run trained in bf16: bf16 on a CPU that has it
+        ckpt = tmp_path / scheme
+        ckpt.mkdir()
+        (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+        run = run_precision(ckpt, cpu)
+        assert decode_precision(ckpt, cpu) == (torch.float32 if scheme == "int8-dynamic" else run)
+        assert decode_precision(ckpt, cpu, compiled=True) == (run if scheme == "int4-weight" else torch.float32)
+    assert run == torch.bfloat16 or not cpu_native_bf16()
+
+
 def test_int8_dynamic_linear_multiplies_int8_values_as_torchao_does():
     """The CPU path (torch._int_mm, the zero points taken off in int32, the row sums cached) gives
     torchao's own linear's outputs, also after the values change in place (the load path's copy)."""
@@ -327,8 +370,9 @@ def test_int8_dynamic_linear_multiplies_int8_values_as_torchao_does():
 
 
 def test_quantized_models_decode_compiled_as_they_do_eagerly():
-    """`generate --compile`: the quantized linears run eagerly inside the compiled step (inductor
-    cannot lower their kernels' calls), the greedy tokens are the eager ones."""
+    """`generate --compile`: int8-dynamic's and int4's linears run eagerly inside the compiled step
+    (inductor cannot lower their kernels' calls), int8-weight's compiles; the greedy tokens are the
+    eager ones."""
     torch.manual_seed(0)
     base = build_model(model_config("llama", "debug")).eval()
     for scheme in ("int8-weight", "int8-dynamic", "int4-weight"):
@@ -336,3 +380,12 @@ def test_quantized_models_decode_compiled_as_they_do_eagerly():
         dtype = torch.float32 if scheme == "int8-dynamic" else torch.bfloat16  # as decode_precision gives
         eager = list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype))
         assert list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype, compile=True)) == eager
+    # The unquantized model decoded after them runs its own whole graph, not their broken one (which
+    # would call the linears eagerly: aten::mm); the step's first call compiles it.
+    with DecodeBatch(base, 1, 16, compile=True) as batch:
+        batch.prefill_row(0, list(range(8)))
+        batch.decode_step(torch.tensor([[3]]))
+        with profile() as prof:
+            batch.decode_step(torch.tensor([[4]]))
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::mm", "aten::addmm", "aten::linear"}, ops

@@ -175,3 +175,21 @@ def test_the_decode_step_traces_as_one_graph_and_compiled_rows_equal_eager(
         == generate_batch(model, prompts[1:2], params)[0]
     )
     assert len(traced) == 2  # one graph per shape: 3 rows, then 1 (both caches: 11 + 12 slots, made 32)
+
+
+@pytest.mark.parametrize("batched_positions", [False, True])
+def test_compiled_cache_attention_is_sdpa(batched_positions):
+    """Inside a compiled step on a CPU the attention over the cache is written out (scores, masked
+    softmax, weighted sum: lmforge.models.kv_cache.attend_cache); it gives PyTorch's attention,
+    for one position for every row and for each row's own (a (B, 1, Tq, S) mask)."""
+    from lmforge.models.kv_cache import KVCache, attend_cache
+
+    torch.manual_seed(0)
+    cache = KVCache(batch_size=2, max_seq_len=16, n_kv_heads=2, head_dim=8)
+    positions = torch.tensor([[5], [11]]) if batched_positions else torch.tensor([7])
+    mask = cache.causal_mask(positions)
+    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    compiled = torch.compile(attend_cache, backend="eager", fullgraph=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(compiled(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attend_cache(q, k, v, mask), expected, rtol=0, atol=0)  # eager: SDPA

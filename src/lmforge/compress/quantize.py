@@ -41,6 +41,10 @@ activations several times slower, and for many rows a bf16 matmul of the convert
 `Int8WeightOnlyLinear` and `Int4WeightOnlyLinear` pick between them. They compute in the autocast
 dtype the run's precision gives (bf16 on a CPU with native bf16), never in a dtype of their own: a
 weight-only model is fast where its run computes in bf16; in fp32 it computes exactly, slowly.
+Inside a compiled decode step int8-weight needs no kernel of PyTorch's: a multiply-and-sum over the
+int8 weight, which inductor writes as one vectorised loop, reads the weights several times faster
+than `_weight_int8pack_mm` (measured, 40 layers 768 -> 3072, one row, 2 threads: 2.4 ms against 5.9,
+fp32 matmul 14.2), so a compiled int8-weight model decodes fastest in fp32 (rundir.decode_precision).
 `Int8DynamicLinear` multiplies int8-dynamic's int8 activations and weights with `torch._int_mm`
 (2.3x an fp32 matmul for 1024 rows) and computes in the activations' dtype, as torchao's linear.
 """
@@ -86,6 +90,10 @@ INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # torch's type stu
 # `aten._weight_int8pack_mm` beats a bf16 matmul of the converted weight up to about this many rows
 # (measured: 1 row 127 vs 727 us, 4 rows 230 vs 781, 16 rows 808 vs 768; K=768, N=2304, one thread).
 INT8PACK_MAX_ROWS = 8
+# Inside a compiled step, the multiply-and-sum over the int8 weight beats a matmul of the converted
+# weight up to about this many rows (measured, 40 layers 768 -> 3072, 2 threads: 1 row 2.4 vs 17.8
+# ms (fp32's matmul 15.0), 8 rows 17.6 vs 31.7, 16 rows 34.4 vs 37.0; it reads the weight once a row).
+INT8_REDUCE_MAX_ROWS = 8
 # The int4 kernel (tinygemm) up to about this many rows, against torchao's dequantize and a bf16 matmul
 # (measured: 1 row 145 vs 4760 us, 64 rows 3042 vs 6081, 256 rows 11588 vs 7223; same shape).
 INT4PACK_MAX_ROWS = 128
@@ -168,7 +176,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _eager_under_compile(forward):
-    """A quantized linear's forward runs eagerly inside a compiled model (`generate --compile`: the
+    """A quantized linear's kernel call runs eagerly inside a compiled model (`generate --compile`: the
     rest of the step compiles around it, lmforge.infer.generate.compiled_decode_one_token). Inductor
     cannot lower these kernels' calls (a bf16 input it has not materialised trips an assertion in its
     int8pack_mm lowering; the caches keyed by tensor versions are data-dependent branches; torch 2.13)."""
@@ -176,19 +184,37 @@ def _eager_under_compile(forward):
 
 
 class Int8WeightOnlyLinear(nn.Linear):
-    """nn.Linear whose weight is torchao's Int8Tensor (int8 (out, in), scale (out, 1)); on a CPU with
-    bf16 or fp16 compute it multiplies with PyTorch's int8-weight kernel (see the module docstring),
-    elsewhere with torchao's matmul."""
+    """nn.Linear whose weight is torchao's Int8Tensor (int8 (out, in), scale (out, 1)). On a CPU,
+    eagerly: PyTorch's int8-weight kernel for a few rows in bf16 or fp16 (see the module docstring),
+    else torchao's matmul. On a CPU inside a compiled step (`generate --compile`): for a few rows, a
+    multiply-and-sum over the int8 weight in fp32 that inductor turns into one loop reading each
+    weight byte once; for more rows, a matmul of the converted weight. Elsewhere torchao's matmul."""
 
-    eager_under_compile = True  # see _eager_under_compile
-
-    @_eager_under_compile
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., in_features) -> (..., out_features) in the compute dtype (as autocast's linear)
         dtype = _compute_dtype(x)
+        if x.device.type != "cpu":
+            return F.linear(x.to(dtype), self.weight, None if self.bias is None else self.bias.to(dtype))
+        if torch.compiler.is_compiling():
+            return self._compiled_cpu_forward(x, dtype)
+        return self._cpu_forward(x, dtype)
+
+    def _compiled_cpu_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        weight: Any = self.weight  # torchao's Int8Tensor
+        scale = weight.scale.reshape(-1)
+        if x.numel() // x.shape[-1] <= INT8_REDUCE_MAX_ROWS:
+            # (..., 1, in) * (out, in) summed over in: never materialised by inductor, one pass
+            y = (x.unsqueeze(-2).float() * weight.qdata.float()).sum(-1) * scale.float()
+        else:
+            y = F.linear(x.to(dtype), weight.qdata.to(dtype)) * scale.to(dtype)
+        y = y.to(dtype)
+        return y if self.bias is None else y + self.bias.to(dtype)
+
+    @_eager_under_compile
+    def _cpu_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         rows = x.numel() // x.shape[-1]
         weight: Any = self.weight  # torchao's Int8Tensor
-        if x.device.type != "cpu" or dtype == torch.float32 or rows > INT8PACK_MAX_ROWS:
+        if dtype == torch.float32 or rows > INT8PACK_MAX_ROWS:
             return F.linear(x.to(dtype), weight, None if self.bias is None else self.bias.to(dtype))
         y = torch.ops.aten._weight_int8pack_mm(
             x.reshape(rows, -1).to(dtype), weight.qdata, weight.scale.reshape(-1).to(dtype)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.models.kv_cache import KVCache, local_heads
+from lmforge.models.kv_cache import KVCache, attend_cache, local_heads
 from lmforge.models.packing import document_mask, document_positions
 from lmforge.models.pooling import last_token
 from lmforge.ops.cross_entropy import linear_cross_entropy
@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
             # whole preallocated cache; the mask hides future and not-yet-written slots.
             assert input_pos is not None, "with a KV cache set up, forward needs input_pos"
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_heads, S_max, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.kv_cache.causal_mask(input_pos))
+            y = attend_cache(q, k, v, self.kv_cache.causal_mask(input_pos))
         # y: (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
         return self.resid_dropout(self.c_proj(y))  # (B, T, dim)

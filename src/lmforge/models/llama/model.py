@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.models.kv_cache import KVCache, local_heads
+from lmforge.models.kv_cache import KVCache, attend_cache, local_heads
 from lmforge.models.packing import document_mask, document_positions
 from lmforge.models.pooling import last_token
 from lmforge.ops.cross_entropy import linear_cross_entropy
@@ -218,7 +218,7 @@ class Attention(nn.Module):
             # is read as it is instead of copied n_rep times at every step (repeat_kv).
             q = q.reshape(B, k.size(1), n_rep * T, -1)  # (B, n_kv_heads, n_rep * T, head_dim)
             mask = self.kv_cache.causal_mask(input_pos, n_rep)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, -1, T, q.size(-1))
+            y = attend_cache(q, k, v, mask).view(B, -1, T, q.size(-1))
         # y: (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
         return self.wo(y)  # (B, T, dim)
