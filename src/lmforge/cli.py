@@ -184,8 +184,9 @@ def _generate_in(
         raise ConfigError(
             f"{run} is an encoder (model family {spec_of(model).name}): it does not generate text"
         )
-    # One prompt decodes row by row (decode_precision); a file's batches compute in the run's precision.
-    dtype = run_precision(ckpt_dir, dev) if input is not None else decode_precision(ckpt_dir, dev, compile)
+    # One prompt decodes row by row (decode_precision; with --draft the model itself runs eagerly, only
+    # the draft compiles); a file's batches compute in the run's precision.
+    dtype = run_precision(ckpt_dir, dev) if input is not None else decode_precision(ckpt_dir, dev, compile and draft is None)
     eos_id = tokenizer.token_to_id("<|eos|>")
     if chat:
         from lmforge.data.sft import CHAT_TOKENS, render

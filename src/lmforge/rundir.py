@@ -194,7 +194,8 @@ def decode_precision(ckpt_dir: Path, device: torch.device, compiled: bool = Fals
     threads: fp32 31.7 tokens/s, bf16 autocast 9.6, bf16 weights 29.9). A weight-only quantized model
     keeps the run's precision eagerly: its CPU kernels compute in bf16 (lmforge.compress.quantize);
     int8-weight's compiled step (`compiled`) reads the int8 weights itself and is fastest in fp32
-    (measured, same shape: 76.9 tokens/s against 65.7 under bf16 autocast); int8-dynamic's integer
+    (measured, same shape: 71.1 tokens/s against 60.8 under bf16 autocast,
+    benchmarks/RESULTS.md); int8-dynamic's integer
     matmul takes fp32 activations."""
     quantize = load_config(ckpt_dir / "config.yaml").compress.quantize
     fp32_schemes = (None, "", "int8-dynamic", *(("int8-weight",) if compiled else ()))

@@ -377,9 +377,12 @@ def test_quantized_models_decode_compiled_as_they_do_eagerly():
     base = build_model(model_config("llama", "debug")).eval()
     for scheme in ("int8-weight", "int8-dynamic", "int4-weight"):
         model = quantize_model(copy.deepcopy(base), scheme, 32 if scheme == "int4-weight" else None)
-        dtype = torch.float32 if scheme == "int8-dynamic" else torch.bfloat16  # as decode_precision gives
-        eager = list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype))
-        assert list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype, compile=True)) == eager
+        # as decode_precision gives eagerly, and compiled (int8-weight's compiled step: fp32)
+        dtypes = [torch.float32] if scheme == "int8-dynamic" else [torch.bfloat16]
+        dtypes += [torch.float32] if scheme == "int8-weight" else []
+        for dtype in dtypes:
+            eager = list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype))
+            assert list(generate(model, list(range(8)), 4, temperature=0, dtype=dtype, compile=True)) == eager
     # The unquantized model decoded after them runs its own whole graph, not their broken one (which
     # would call the linears eagerly: aten::mm); the step's first call compiles it.
     with DecodeBatch(base, 1, 16, compile=True) as batch:

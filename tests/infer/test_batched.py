@@ -177,19 +177,49 @@ def test_the_decode_step_traces_as_one_graph_and_compiled_rows_equal_eager(
     assert len(traced) == 2  # one graph per shape: 3 rows, then 1 (both caches: 11 + 12 slots, made 32)
 
 
+@pytest.mark.parametrize("n_rep", [1, 2])
 @pytest.mark.parametrize("batched_positions", [False, True])
-def test_compiled_cache_attention_is_sdpa(batched_positions):
+def test_compiled_cache_attention_is_sdpa(batched_positions, n_rep):
     """Inside a compiled step on a CPU the attention over the cache is written out (scores, masked
     softmax, weighted sum: lmforge.models.kv_cache.attend_cache); it gives PyTorch's attention,
-    for one position for every row and for each row's own (a (B, 1, Tq, S) mask)."""
+    for one position for every row and for each row's own (a (B, 1, Tq, S) mask), and with the
+    query heads of a key/value head laid out as n_rep rows (grouped-query attention)."""
     from lmforge.models.kv_cache import KVCache, attend_cache
 
     torch.manual_seed(0)
     cache = KVCache(batch_size=2, max_seq_len=16, n_kv_heads=2, head_dim=8)
     positions = torch.tensor([[5], [11]]) if batched_positions else torch.tensor([7])
-    mask = cache.causal_mask(positions)
-    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    mask = cache.causal_mask(positions, n_rep)
+    q, k, v = torch.randn(2, 2, n_rep, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
     compiled = torch.compile(attend_cache, backend="eager", fullgraph=True)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(compiled(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(attend_cache(q, k, v, mask), expected, rtol=0, atol=0)  # eager: SDPA
+
+
+def test_guards_are_skipped_only_after_a_whole_graph_step_at_the_default_stance(sharp_model):
+    """DecodeBatch._guards: every compiled step of a batch after its first skips dynamo's guards,
+    unless the step is not one whole graph, the batch starts again, or the caller set a stance;
+    the stance is restored after the step."""
+    from torch._dynamo import eval_frame
+
+    def skips(batch: DecodeBatch) -> bool:
+        with batch._guards():
+            return eval_frame._stance.skip_guard_eval_unsafe
+
+    model = sharp_model("llama")
+    batch = DecodeBatch(model, 1, 16, compile=True)
+    with batch:
+        assert not skips(batch)  # the first step checks them
+        batch._guarded_steps = 1
+        assert skips(batch)
+        assert not eval_frame._stance.skip_guard_eval_unsafe  # restored
+        with torch.compiler.set_stance("force_eager"):
+            assert not skips(batch)
+    with batch:  # entered again: new caches, guards checked again
+        assert not skips(batch)
+    batch._guarded_steps, batch._whole_graph = 1, False  # a graph that breaks
+    assert not skips(batch)
+    eager = DecodeBatch(model, 1, 16)
+    eager._guarded_steps = 1
+    assert not skips(eager)

@@ -188,16 +188,20 @@ class Int8WeightOnlyLinear(nn.Linear):
     eagerly: PyTorch's int8-weight kernel for a few rows in bf16 or fp16 (see the module docstring),
     else torchao's matmul. On a CPU inside a compiled step (`generate --compile`): for a few rows, a
     multiply-and-sum over the int8 weight in fp32 that inductor turns into one loop reading each
-    weight byte once; for more rows, a matmul of the converted weight. Elsewhere torchao's matmul."""
+    weight byte once (under a backend other than inductor it materialises the product: fine for
+    tests, not for speed); for more rows, a matmul of the converted weight. Elsewhere torchao's
+    matmul, run eagerly inside a compiled step as before."""
+
+    @property
+    def eager_under_compile(self) -> bool:  # see _eager_under_compile: off a CPU torchao's matmul
+        return self.weight.device.type != "cpu"
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., in_features) -> (..., out_features) in the compute dtype (as autocast's linear)
         dtype = _compute_dtype(x)
-        if x.device.type != "cpu":
-            return F.linear(x.to(dtype), self.weight, None if self.bias is None else self.bias.to(dtype))
-        if torch.compiler.is_compiling():
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
             return self._compiled_cpu_forward(x, dtype)
-        return self._cpu_forward(x, dtype)
+        return self._eager_forward(x, dtype)
 
     def _compiled_cpu_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         weight: Any = self.weight  # torchao's Int8Tensor
@@ -211,10 +215,10 @@ class Int8WeightOnlyLinear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(dtype)
 
     @_eager_under_compile
-    def _cpu_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def _eager_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         rows = x.numel() // x.shape[-1]
         weight: Any = self.weight  # torchao's Int8Tensor
-        if dtype == torch.float32 or rows > INT8PACK_MAX_ROWS:
+        if x.device.type != "cpu" or dtype == torch.float32 or rows > INT8PACK_MAX_ROWS:
             return F.linear(x.to(dtype), weight, None if self.bias is None else self.bias.to(dtype))
         y = torch.ops.aten._weight_int8pack_mm(
             x.reshape(rows, -1).to(dtype), weight.qdata, weight.scale.reshape(-1).to(dtype)

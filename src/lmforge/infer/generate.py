@@ -96,7 +96,8 @@ def compiled_decode_one_token(
 
     Static shapes: a new batch size or cache length compiles once more. fullgraph: a graph break is
     an error, not a silent slowdown; False for a model with modules that run eagerly inside a
-    compiled graph (`eager_under_compile`: lmforge.compress.quantize's quantized linears). Those
+    compiled graph (`eager_under_compile`: lmforge.compress.quantize's int8-dynamic and int4
+    linears, and int8-weight's off a CPU). Those
     compile a copy of the function: dynamo keeps compiled code per code object and tries the newest
     first, and a graph that breaks at the first linear guards on too little to tell models apart,
     so a whole-graph model decoded after one such would run through its broken graph (measured,
@@ -143,11 +144,13 @@ class DecodeBatch:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,) tokens cached
         fullgraph = not any(getattr(m, "eager_under_compile", False) for m in model.modules())
         self._decode = compiled_decode_one_token(self.device.type, fullgraph) if compile else decode_one_token
+        self._whole_graph = compile and fullgraph  # see _guards
         self._was_training = model.training
         self._guarded_steps = 0  # compiled steps run with their guards checked (see _guards)
 
     def __enter__(self) -> DecodeBatch:
         self.model.eval()
+        self._guarded_steps = 0
         cache_dtype = None if self.dtype == torch.float32 else self.dtype
         self.model.setup_kv_cache(self.batch_size, self.max_seq_len, dtype=cache_dtype, device=self.device)
         if self._decode is not decode_one_token:
@@ -216,10 +219,16 @@ class DecodeBatch:
         batch passes the same tensors in the same shapes to the same model, so after its first
         compiled step, which checked them (and compiled, if it had to), the others run only the
         guards that tell apart the compiled versions dynamo has (torch.compiler.set_stance's
-        `skip_guard_eval_unsafe`: unsafe only where inputs change between calls). Measured, tiny
-        llama, batch 1, 2 threads, 128 tokens: 887 -> 920 tokens/s (guards: 0.38 ms a step on the
-        124m shape)."""
-        if self._decode is decode_one_token or self._guarded_steps == 0:
+        `skip_guard_eval_unsafe`: unsafe only where inputs change between calls). Only for a step
+        compiled whole: a graph that breaks leaves frames that dynamo may run eagerly once they
+        reach its recompile limit, and their cheap guards would not tell models apart. Only where
+        the caller left dynamo's stance at its default (set_stance replaces the whole stance).
+        The stance is the process's: compiled decoding is meant for one thread at a time (the
+        server decodes on one). Measured, tiny llama, batch 1, 2 threads, 128 tokens: 887 -> 920
+        tokens/s (a script not kept; benchmarks/RESULTS.md has the combined figure, 863 -> 905)."""
+        stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+        default = getattr(stance, "stance", None) == "default" and not getattr(stance, "skip_guard_eval_unsafe", 1)
+        if not self._whole_graph or self._guarded_steps == 0 or not default:
             return contextlib.nullcontext()
         return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 

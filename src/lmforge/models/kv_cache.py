@@ -115,11 +115,12 @@ def attend_cache(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention of queries over a cache: q (B, H, Tq, d), k and v (B, H, S, d), mask (Tq, S) or
     (B, 1, Tq, S), True where a query may attend -> (B, H, Tq, d). Inside a compiled step on a CPU
     it is written out (scores, masked softmax, weighted sum), which inductor fuses into a few loops
-    beside the surrounding ops; PyTorch's CPU attention kernel is built for long queries, and for
-    one token it cost more than the rest of the layer's attention (measured, tiny llama, batch 1,
-    2 threads, compiled decoding: 866 -> 935 tokens/s). Every query sees at least its own slot,
-    so no row of the softmax is all masked."""
+    beside the surrounding ops, in place of PyTorch's CPU flash-attention kernel (measured, tiny
+    llama, batch 1, 2 threads, compiled decoding: 866 -> 935 tokens/s, a script not kept;
+    benchmarks/RESULTS.md has the combined figure). Every query sees at least its own slot, so no
+    row of the softmax is all masked."""
     if q.device.type == "cpu" and torch.compiler.is_compiling():
+        assert mask.dtype == torch.bool, "attend_cache takes a boolean mask (KVCache.causal_mask)"
         scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, S)
         return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
