@@ -3,6 +3,7 @@ model we trained, bytes, and speed on the 124m shape.
 
     python benchmarks/quantize_bench.py --run /work/runs/tiny-base --out-dir /work/runs/quantize \
         [--int4-runs QAT_RUN CONTROL_RUN] [--threads 2] [--rounds 3] [--skip-speed] [--flavor 124m]
+        [--schemes int8-weight,int8-dynamic,int4-weight]
 
 Quality: each CPU scheme's artifact of `--run` (written into `--out-dir` unless there) against the
 unquantized model: perplexity on the run's validation split (`--val-batches` batches of 8 windows),
@@ -103,13 +104,13 @@ def quality(run: Path, out_dir: Path, int4_runs: list[Path], val_batches_n: int)
     return rows
 
 
-def speed(threads: int, rounds: int, flavor: str) -> list[dict]:
+def speed(threads: int, rounds: int, flavor: str, schemes: list[str]) -> list[dict]:
     torch.set_num_threads(threads)
     cfg = model_config("llama", flavor, max_seq_len=1024)
     torch.manual_seed(0)
     fp32 = build_model(cfg).eval()
     models = {"fp32": fp32}
-    for scheme in CPU_SCHEMES:
+    for scheme in schemes:
         models[scheme] = quantize_model(copy.deepcopy(fp32), scheme, None)
     tokens = torch.randint(0, cfg.vocab_size, (4, 256))
     prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--flavor", default="124m", help="the llama shape of the speed figures")
+    parser.add_argument("--schemes", default=",".join(CPU_SCHEMES), help="the schemes timed beside fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = []
@@ -183,7 +185,7 @@ def main() -> None:
             ratio = f"{row['bytes_ratio']:.3f}x" if row["bytes_ratio"] else "-"
             lines.append(f"{Path(row['model']).name:32s} {row['scheme']:34s} bytes {ratio:7s} ppl {ppl}")
     if not args.skip_speed:
-        for row in speed(args.threads, args.rounds, args.flavor):
+        for row in speed(args.threads, args.rounds, args.flavor, args.schemes.split(",")):
             lines.append(
                 f"{row['model']} {row['scheme']:13s} {row['compute']:9s} eval {row['eval_tokens_per_s']:8.1f} tok/s "
                 f"({row['eval_vs_fp32']:.2f}x)  decode {row['decode_tokens_per_s']:6.2f} tok/s ({row['decode_vs_fp32']:.2f}x)"
