@@ -130,8 +130,9 @@ def speed(threads: int, rounds: int, flavor: str, schemes: list[str]) -> list[di
 
     kinds = ("eval", "decode", "decode_compiled")
     rates: dict[tuple, dict[str, list[float]]] = {c: {k: [] for k in kinds} for c in cases}
-    # Eager figures first, compiled decoding after: with compiled code in the process, the eager
-    # int8-dynamic forward measured 0.8x fp32 instead of 1.3x (not explained).
+    # Eager figures first, compiled decoding after, so the compilations cannot touch the eager figures.
+    # (The int8-dynamic forward runs slower with the int4 model in the process: 0.91x fp32 against
+    # 1.32x-1.41x without it, not explained; benchmarks/RESULTS.md.)
     for name, dtype in cases:  # warm-up: first-call allocations and lazy kernels
         eval_rate(models[name], dtype)
         decode_rate(models[name], dtype)

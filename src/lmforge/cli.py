@@ -186,7 +186,10 @@ def _generate_in(
         )
     # One prompt decodes row by row (decode_precision; with --draft the model itself runs eagerly, only
     # the draft compiles); a file's batches compute in the run's precision.
-    dtype = run_precision(ckpt_dir, dev) if input is not None else decode_precision(ckpt_dir, dev, compile and draft is None)
+    if input is not None:
+        dtype = run_precision(ckpt_dir, dev)
+    else:
+        dtype = decode_precision(ckpt_dir, dev, compiled=compile and draft is None)
     eos_id = tokenizer.token_to_id("<|eos|>")
     if chat:
         from lmforge.data.sft import CHAT_TOKENS, render

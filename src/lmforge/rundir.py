@@ -198,8 +198,7 @@ def decode_precision(ckpt_dir: Path, device: torch.device, compiled: bool = Fals
     benchmarks/RESULTS.md); int8-dynamic's integer
     matmul takes fp32 activations."""
     quantize = load_config(ckpt_dir / "config.yaml").compress.quantize
-    fp32_schemes = (None, "", "int8-dynamic", *(("int8-weight",) if compiled else ()))
-    if device.type == "cpu" and quantize in fp32_schemes:
+    if device.type == "cpu" and (quantize in (None, "", "int8-dynamic") or (compiled and quantize == "int8-weight")):
         return torch.float32
     return run_precision(ckpt_dir, device)
 

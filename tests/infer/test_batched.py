@@ -211,15 +211,15 @@ def test_guards_are_skipped_only_after_a_whole_graph_step_at_the_default_stance(
     batch = DecodeBatch(model, 1, 16, compile=True)
     with batch:
         assert not skips(batch)  # the first step checks them
-        batch._guarded_steps = 1
+        batch._guards_checked = True
         assert skips(batch)
         assert not eval_frame._stance.skip_guard_eval_unsafe  # restored
         with torch.compiler.set_stance("force_eager"):
             assert not skips(batch)
     with batch:  # entered again: new caches, guards checked again
         assert not skips(batch)
-    batch._guarded_steps, batch._whole_graph = 1, False  # a graph that breaks
+    batch._guards_checked, batch._whole_graph = True, False  # a graph that breaks
     assert not skips(batch)
     eager = DecodeBatch(model, 1, 16)
-    eager._guarded_steps = 1
+    eager._guards_checked = True
     assert not skips(eager)

@@ -146,11 +146,11 @@ class DecodeBatch:
         self._decode = compiled_decode_one_token(self.device.type, fullgraph) if compile else decode_one_token
         self._whole_graph = compile and fullgraph  # see _guards
         self._was_training = model.training
-        self._guarded_steps = 0  # compiled steps run with their guards checked (see _guards)
+        self._guards_checked = False  # a compiled step of this batch ran with its guards (see _guards)
 
     def __enter__(self) -> DecodeBatch:
         self.model.eval()
-        self._guarded_steps = 0
+        self._guards_checked = False
         cache_dtype = None if self.dtype == torch.float32 else self.dtype
         self.model.setup_kv_cache(self.batch_size, self.max_seq_len, dtype=cache_dtype, device=self.device)
         if self._decode is not decode_one_token:
@@ -209,7 +209,7 @@ class DecodeBatch:
         positions = self.lengths.clamp(max=self.max_seq_len - 1)  # (B,)
         with autocast(self.device, self.dtype), self._guards():
             logits = self._decode(self.model, tokens, positions)  # (B, V)
-        self._guarded_steps += 1
+        self._guards_checked = True
         self.lengths += 1 if active is None else active.long()
         return logits
 
@@ -228,7 +228,7 @@ class DecodeBatch:
         tokens/s (a script not kept; benchmarks/RESULTS.md has the combined figure, 863 -> 905)."""
         stance = getattr(torch._dynamo.eval_frame, "_stance", None)
         default = getattr(stance, "stance", None) == "default" and not getattr(stance, "skip_guard_eval_unsafe", 1)
-        if not self._whole_graph or self._guarded_steps == 0 or not default:
+        if not self._whole_graph or not self._guards_checked or not default:
             return contextlib.nullcontext()
         return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
