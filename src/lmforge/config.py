@@ -39,14 +39,14 @@ class ModelConfig:
         flavor: Size preset of the family: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
         vocab_size: Embedding rows; by default the tokenizer's vocab rounded up to a multiple of 64.
         qk_norm: llama only: RMSNorm on each head's queries and keys before RoPE (as OLMo 2 and Qwen3), which keeps attention logits bounded at high learning rates.
-        shape: Fields of the family's config that replace the flavor's (e.g. {dim: 512, n_layers: 8}); `lmforge import` writes every field of the model it imports here. The context length is data.seq_len's.
+        shape: Fields of the family's config that replace the flavor's (e.g. {dim: 512, n_layers: 8}; bert: {positions: rotary}); `lmforge import` writes every field of the model it imports here. The context length is data.seq_len's.
     """
 
     family: str = "llama"  # checked against the registry of families when a run starts
     flavor: str = "tiny"
     vocab_size: int | None = None
     qk_norm: bool = False
-    shape: dict[str, int | float | bool] | None = None
+    shape: dict[str, int | float | bool | str] | None = None
 
     def __post_init__(self) -> None:
         _require(self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "> 0", self.vocab_size)

@@ -131,7 +131,7 @@ def run_model_config(cfg: ModelConfig, seq_len: int, tokenizer_vocab: int) -> Fa
     overrides: dict[str, object] = {**(cfg.shape or {}), **({"qk_norm": True} if cfg.qk_norm else {})}
     try:
         return model_config(cfg.family, cfg.flavor, vocab_size=vocab_size, max_seq_len=seq_len, **overrides)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: a string where the family wants a number
         raise ConfigError(f"config key 'model': {err}") from None
 
 
@@ -152,7 +152,7 @@ def check_model_section(cfg: ModelConfig) -> None:
     _check_shape_keys(cfg)
     try:
         model_config(cfg.family, cfg.flavor, **(cfg.shape or {}))
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: a string where the family wants a number
         raise ConfigError(f"config key 'model.shape': {err}") from None
 
 

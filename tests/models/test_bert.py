@@ -1,16 +1,19 @@
 """The BERT-style encoder: bidirectional attention, the padding mask, packed documents, the tied
-masked-LM head, and its sizes."""
+masked-LM head, and its sizes; with learned and with rotary positions."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmforge.models import build_model, model_config
 
+POSITIONS = pytest.mark.parametrize("positions", ["learned", "rotary"])
 
-def debug_bert():
+
+def debug_bert(positions: str = "learned"):
     torch.manual_seed(0)
-    model = build_model(model_config("bert", "debug"), "cpu").eval()
+    model = build_model(model_config("bert", "debug", positions=positions), "cpu").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name and "ln_" not in name:
@@ -18,8 +21,9 @@ def debug_bert():
     return model
 
 
-def test_attention_is_bidirectional():
-    model = debug_bert()
+@POSITIONS
+def test_attention_is_bidirectional(positions):
+    model = debug_bert(positions)
     ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(1))
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % 512
@@ -27,8 +31,9 @@ def test_attention_is_bidirectional():
         assert (model(ids)[0, 0] - model(changed)[0, 0]).abs().max() > 1e-3  # the first sees the last
 
 
-def test_padding_changes_nothing_for_the_tokens():
-    model = debug_bert()
+@POSITIONS
+def test_padding_changes_nothing_for_the_tokens(positions):
+    model = debug_bert(positions)
     ids = torch.randint(3, 512, (1, 10), generator=torch.Generator().manual_seed(2))
     padded = torch.cat([ids, torch.full((1, 6), 2)], dim=1)
     pad_mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1).bool()
@@ -42,8 +47,9 @@ def test_padding_changes_nothing_for_the_tokens():
         assert hidden.shape == (1, 16, 64)
 
 
-def test_packed_documents_see_only_themselves():
-    model = debug_bert()
+@POSITIONS
+def test_packed_documents_see_only_themselves(positions):
+    model = debug_bert(positions)
     a, b = (torch.randint(3, 512, (1, n), generator=torch.Generator().manual_seed(n)) for n in (7, 9))
     row = torch.cat([a, b], dim=1)
     doc_ids = torch.tensor([[0] * 7 + [1] * 9])
@@ -66,3 +72,61 @@ def test_the_head_is_tied_and_the_base_shape_is_berts():
     loss = model(ids, targets=targets)
     want = torch.nn.functional.cross_entropy(model(ids)[:, 3], ids[:, 3])
     assert torch.allclose(loss, want, atol=1e-5)
+
+
+def test_rotary_positions_have_no_table_and_see_order():
+    """Rotary positions replace the learned table (the only difference in parameters) with RoPE's
+    tables; a token's logits still depend on the order of the others (not a bag of words)."""
+    from lmforge.models.rope import rope_tables
+
+    model = debug_bert("rotary")
+    assert model.pos_embeddings is None and "pos_embeddings.weight" not in model.state_dict()
+    learned = build_model(model_config("bert", "debug"), "meta")
+    assert learned.num_params() - model.num_params() == model.cfg.max_seq_len * model.cfg.dim
+    cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta, torch.device("cpu"))
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    swapped = ids.clone()
+    swapped[0, [4, 9]] = ids[0, [9, 4]]
+    with torch.no_grad():
+        assert (model(ids)[0, 0] - model(swapped)[0, 0]).abs().max() > 1e-3  # order is seen
+
+
+def test_rotary_positions_are_relative():
+    """With rotary positions only distances count: the same text after 5 masked-out pads gives
+    the same hidden states; with learned positions, where each position has its own vector, not."""
+    ids = torch.randint(3, 512, (1, 10), generator=torch.Generator().manual_seed(5))
+    shifted = torch.cat([torch.full((1, 5), 2), ids], dim=1)
+    pad_mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 10)], dim=1).bool()
+    for positions, same in (("rotary", True), ("learned", False)):
+        model = debug_bert(positions)
+        with torch.no_grad():
+            gap = (model.hidden_states(shifted, pad_mask)[0, 5:] - model.hidden_states(ids)[0]).abs().max()
+        assert (gap < 1e-4) == same, (positions, gap)
+
+
+def test_the_masked_lm_loss_gathers_only_the_chosen_positions():
+    """Only the positions with a target reach the output matmul (its FLOPs scale with them), and
+    the loss is the plain cross-entropy of those positions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = debug_bert("rotary")
+    ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(4))
+    every = ids.clone()
+    two = torch.full((2, 10), -100)
+    two[0, 2], two[1, 7] = ids[0, 2], ids[1, 7]
+    flops = {}
+    with torch.no_grad():
+        for name, targets in (("every", every), ("two", two)):
+            with FlopCounterMode(display=False) as counter:
+                model(ids, targets=targets)
+            flops[name] = counter.get_total_flops()
+        want = torch.nn.functional.cross_entropy(model(ids)[two != -100], two[two != -100])
+        assert torch.allclose(model(ids, targets=two), want, atol=1e-5)
+    dim, vocab = model.cfg.dim, model.cfg.vocab_size
+    assert flops["every"] - flops["two"] == 2 * (20 - 2) * dim * vocab  # 18 rows fewer in the head
+
+
+def test_positions_must_be_learned_or_rotary():
+    with pytest.raises(ValueError, match="positions must be 'learned' or 'rotary'"):
+        model_config("bert", "debug", positions="sinusoidal")

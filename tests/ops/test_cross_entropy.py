@@ -12,9 +12,10 @@ def reference(hidden, weight, targets):
     return cross_entropy(hidden @ weight.t(), targets)
 
 
+@pytest.mark.parametrize("only_counted", [False, True], ids=["all-rows", "counted-rows-gathered"])
 @pytest.mark.parametrize("ignored", [False, True], ids=["every-target", "some-ignored"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 4096])
-def test_loss_and_gradients_match_the_plain_loss(chunk_size, ignored):
+def test_loss_and_gradients_match_the_plain_loss(chunk_size, ignored, only_counted):
     torch.manual_seed(0)
     hidden = torch.randn(3, 21, 16, requires_grad=True)  # (B, T, D)
     weight = torch.randn(50, 16, requires_grad=True)  # (V, D)
@@ -25,7 +26,7 @@ def test_loss_and_gradients_match_the_plain_loss(chunk_size, ignored):
 
     want = reference(hidden, weight, targets)
     want_grads = torch.autograd.grad(2.5 * want, (hidden, weight))
-    got = linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    got = linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, only_counted=only_counted)
     got_grads = torch.autograd.grad(2.5 * got, (hidden, weight))  # a non-unit upstream gradient
 
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -155,6 +156,10 @@ def test_a_micro_batch_without_targets_has_zero_loss_and_gradient_not_nan():
     hidden = torch.randn(2, 5, 8, requires_grad=True)
     weight = torch.randn(30, 8, requires_grad=True)
     targets = torch.full((2, 5), IGNORE_INDEX)
-    for loss in (linear_cross_entropy(hidden, weight, targets), reference(hidden, weight, targets)):
+    for loss in (
+        linear_cross_entropy(hidden, weight, targets),
+        linear_cross_entropy(hidden, weight, targets, only_counted=True),
+        reference(hidden, weight, targets),
+    ):
         grads = torch.autograd.grad(loss, (hidden, weight))
         assert loss.item() == 0.0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads)

@@ -55,6 +55,7 @@ CONFIGS = {
     "gpt2-debug": ("gpt2", "debug", {}),
     "gpt2-tiny": ("gpt2", "tiny", {}),
     "bert-debug": ("bert", "debug", {}),
+    "bert-debug-rotary": ("bert", "debug", {"positions": "rotary"}),
 }
 
 

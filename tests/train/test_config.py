@@ -92,7 +92,12 @@ def test_model_shape_replaces_the_flavors_fields_and_bad_fields_are_named():
             {"vocab_size": 99},
             "config key 'model.shape' sets ['vocab_size']: use model.vocab_size and data.seq_len",
         ),
+        ({"rope_theta": "abc"}, "config key 'model.shape': "),  # a string where a number belongs
     ]:
         with pytest.raises(ConfigError) as err:
             check_model_section(ModelConfig(family="llama", flavor="debug", shape=shape))
         assert str(err.value).startswith(message), str(err.value)
+    # the encoder's positions take a string; a wrong one is named
+    check_model_section(ModelConfig(family="bert", flavor="debug", shape={"positions": "rotary"}))
+    with pytest.raises(ConfigError, match="'model.shape': BertConfig.positions must be 'learned' or 'rotary'"):
+        check_model_section(ModelConfig(family="bert", flavor="debug", shape={"positions": "alibi"}))

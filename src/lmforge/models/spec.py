@@ -83,6 +83,7 @@ class SavedBytes:
     block_positions: int
     first_positions: int
     first_norm: int = 0  # per token on the first stage: an embedding norm (the encoder's)
+    fused_loss: int = 0  # per token on the last stage with the fused loss: what it saves besides (a mask)
 
 
 @dataclass(frozen=True)

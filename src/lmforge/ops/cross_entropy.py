@@ -90,14 +90,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # Under torch.compile the model's graph ends before this function, which runs eagerly (its chunk
 # loop is a handful of large matmuls): tracing it has not been tried on a GPU yet.
 @torch.compiler.disable
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 4096, only_counted: bool = False
+) -> Tensor:
     """Mean next-token loss of `hidden @ weight.T` without materialising the logits.
 
     hidden (B, T, D) or (N, D), weight (V, D) the output head, targets (B, T) or (N,) int64 in
     [0, V) or IGNORE_INDEX (no loss there; the mean is over the others). Returns () fp32; gradients flow to hidden and weight (a tied head's gradient reaches
     the embedding through the shared parameter).
+
+    only_counted: first gather the rows that have a target, so the head's matmul skips the others
+    (masked LM, where 15% of the positions count: the head's FLOPs drop by about 85%). It costs a
+    host sync (the number of rows), so next-token pretraining, where nearly every row counts, leaves
+    it off.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if targets.numel() == 0:
         raise ValueError("linear_cross_entropy needs at least one target")
+    if only_counted:  # none counted: 0 rows, and the loss and gradients are 0
+        counted = targets != IGNORE_INDEX  # (N,)
+        hidden, targets = hidden[counted], targets[counted]
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, torch.is_grad_enabled())

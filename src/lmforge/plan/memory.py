@@ -170,7 +170,7 @@ def activation_bytes(
         other += tokens * saved.final_norm // sp + saved.final_fixed
         if fused_loss:
             # the gradients of the hidden state and the head, and 1 / the number of targets
-            other += tokens * stream + 4 * V * D + 4
+            other += tokens * (stream + saved.fused_loss) + 4 * V * D + 4
         else:
             # the head's input, the fp32 log-softmax, the targets (int64), nll_loss's total weight and
             # the number of targets the mean divides by (int64; lmforge.ops.cross_entropy)

@@ -1,5 +1,5 @@
-"""BERT-style encoder: bidirectional attention with a padding mask, learned positions, GELU MLP and a
-masked-LM head tied to the token embeddings.
+"""BERT-style encoder: bidirectional attention with a padding mask, learned (or rotary) positions, GELU
+MLP and a masked-LM head tied to the token embeddings.
 
 Read top to bottom: config → attention → MLP → block → model (the norm is torch's nn.LayerNorm).
 The shape follows BERT (Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers
@@ -10,6 +10,14 @@ most encoders since; stabler at the higher learning rates small models train wit
 LayerNorm that the output reads directly (no extra dense + LayerNorm transform before it, and no
 output bias), and there is no next-sentence objective or segment embedding (RoBERTa, Liu et al.
 2019, found it unhelpful).
+
+Positions: `positions: learned` (the default) is BERT's table of learned absolute position embeddings,
+added to the token embeddings. `positions: rotary` rotates each head's queries and keys instead
+(RoPE, lmforge.models.rope; as ModernBERT, Warner et al. 2024) and has no position table. Measured
+on the standard-library corpus (tiny flavor, 16 x 128 tokens a step, AdamW 1e-3; docs/finetune.md):
+with learned positions the masked-LM accuracy is 0.14 after 300 and after 600 steps, and every
+head's attention is still close to uniform (entropy 4.8 nats; ln 128 = 4.85): the model has not
+learned to look at its neighbours. With rotary positions it reaches 0.34 in 300 steps.
 
 q, k, v come from one matmul whose rows are interleaved per head, (n_heads, 3, head_dim), like
 lmforge's GPT-2, so that a contiguous block of rows is a set of whole heads.
@@ -30,6 +38,7 @@ from torch import Tensor, nn
 
 from lmforge.models.packing import document_positions
 from lmforge.models.pooling import first_token
+from lmforge.models.rope import apply_rope, rope_tables
 from lmforge.ops.cross_entropy import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
@@ -40,13 +49,15 @@ from lmforge.ops.cross_entropy import linear_cross_entropy
 @dataclass
 class BertConfig:
     vocab_size: int
-    max_seq_len: int  # number of learned position embeddings
+    max_seq_len: int  # the longest sequence: rows of the position table (or of the rotary tables)
     dim: int
     n_layers: int
     n_heads: int
     norm_eps: float = 1e-12  # BERT's
     dropout: float = 0.0  # embedding, attention and residual dropout (BERT used 0.1)
     n_classes: int = 0  # > 0: a classification head on the first token (forward returns (B, n_classes))
+    positions: str = "learned"  # "learned": BERT's absolute position table; "rotary": RoPE on q and k
+    rope_theta: float = 10000.0  # the RoPE base, with positions="rotary"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads"):
@@ -59,6 +70,12 @@ class BertConfig:
             raise ValueError(f"BertConfig.norm_eps must be positive, got {self.norm_eps}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"BertConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.positions not in ("learned", "rotary"):
+            raise ValueError(f"BertConfig.positions must be 'learned' or 'rotary', got {self.positions!r}")
+        if self.positions == "rotary" and self.head_dim % 2 != 0:
+            raise ValueError(f"BertConfig.head_dim={self.head_dim} must be even for rotary positions")
+        if self.rope_theta <= 0:
+            raise ValueError(f"BertConfig.rope_theta must be positive, got {self.rope_theta}")
 
     @property
     def head_dim(self) -> int:
@@ -87,12 +104,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None, rope_cos: Tensor | None, rope_sin: Tensor | None
+    ) -> Tensor:
         """x: (B, T, dim); attn_mask: (B, 1, 1 or T, T) bool, True where attending is allowed, or None
-        (every position sees every position)."""
+        (every position sees every position); rope_cos, rope_sin: ([B,] T, head_dim // 2) each, the
+        cos and sin of each position's angles with rotary positions, else None."""
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)  # (B, T, n_heads, 3, head_dim)
-        q, k, v = qkv.transpose(1, 2).unbind(3)  # 3 x (B, n_heads, T, head_dim)
+        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).unbind(3)  # 3 x (B, T, n_heads, head_dim)
+        if rope_cos is not None and rope_sin is not None:
+            q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_heads, T, head_dim)
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, dim)
@@ -140,8 +162,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None, rope_cos: Tensor | None, rope_sin: Tensor | None
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, rope_cos, rope_sin)
         return x + self.mlp(self.ln_2(x))
 
     def init_weights(self, out_std: float) -> None:
@@ -173,7 +197,13 @@ class Bert(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
+        # Rotary positions: tables recomputed by init_weights (a meta-device build has no values).
+        table_shape = (cfg.max_seq_len, cfg.head_dim // 2) if cfg.positions == "rotary" else (0,)
+        self.register_buffer("rope_cos", torch.empty(table_shape, dtype=torch.float32), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(table_shape, dtype=torch.float32), persistent=False)
+        self.rope_cos: Tensor  # (max_seq_len, head_dim // 2) fp32, or empty with learned positions
+        self.rope_sin: Tensor
         self.emb_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         # Keyed "0".."n_layers-1", as the decoders: names do not depend on a pipeline's split.
@@ -198,7 +228,12 @@ class Bert(nn.Module):
         and 0; the matrices that write into the residual stream get 0.02 / sqrt(2 * n_layers)."""
         self.tie_weights()
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=0.02)
-        nn.init.normal_(self.pos_embeddings.weight, mean=0.0, std=0.02)
+        if self.cfg.positions == "rotary":
+            self.rope_cos, self.rope_sin = rope_tables(
+                self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device
+            )
+        elif self.pos_embeddings is not None:
+            nn.init.normal_(self.pos_embeddings.weight, mean=0.0, std=0.02)
         self.emb_norm.reset_parameters()
         out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for block in self._blocks():
@@ -224,10 +259,16 @@ class Bert(nn.Module):
         positions = (
             torch.arange(seq_len, device=idx.device) if doc_ids is None else document_positions(doc_ids)
         )
-        x = self.drop(self.emb_norm(self.tok_embeddings(idx) + self.pos_embeddings(positions)))  # (B, T, dim)
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        rope_cos = rope_sin = None
+        if self.cfg.positions == "rotary":
+            rope_cos, rope_sin = self.rope_cos[positions], self.rope_sin[positions]  # ([B,] T, head_dim // 2)
+        elif self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(positions)
+        x = self.drop(self.emb_norm(x))
         mask = attention_mask(pad_mask, doc_ids)
         for block in self._blocks():
-            x = block(x, mask) if mask is not None else block(x, None)
+            x = block(x, mask, rope_cos, rope_sin)
         return self.norm(x)  # (B, T, dim)
 
     def forward(
@@ -246,8 +287,8 @@ class Bert(nn.Module):
         h = self.hidden_states(idx, pad_mask, doc_ids)  # (B, T, dim)
         if self.classifier is not None:  # the first token (the prepended <|bos|>) sees the whole text
             return self.classifier(first_token(h))  # (B, n_classes)
-        if targets is not None:
-            return linear_cross_entropy(h, self.output.weight, targets)
+        if targets is not None:  # only the chosen ~15% of positions reach the output matmul
+            return linear_cross_entropy(h, self.output.weight, targets, only_counted=True)
         return self.output(h)  # (B, T, vocab_size)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
@@ -262,13 +303,16 @@ class Bert(nn.Module):
         """Number of parameters (the tied embedding/output matrix once); exclude_embeddings drops the
         position embeddings (a pure lookup; the token embeddings are also the output matmul)."""
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and self.pos_embeddings is not None:
             n -= self.pos_embeddings.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token, 6 N + 12 L H Q T (see the GPT-2 model file for the derivation);
-        attention is bidirectional, so the 12 L H Q T term is exact here rather than an upper bound."""
+        attention is bidirectional, so the 12 L H Q T term is exact here rather than an upper bound.
+        N counts the tied output matmul for every position, as the decoders do: the masked-LM loss
+        runs it on the chosen ~15% only, so for masked-LM training this overstates the work by about
+        0.85 x 6 V D per token (a quarter of the tiny flavor's) and the MFU logged with it likewise."""
         seq_len = self.cfg.max_seq_len if seq_len is None else seq_len
         attention_flops = 12 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * seq_len
         return 6 * self.num_params(exclude_embeddings=True) + attention_flops

@@ -30,7 +30,7 @@ TP_PLAN = TensorParallelPlan(
     },  # fmt: skip
     block={
         "ln_1": "norm",
-        "attn": GatherInput(n_other_inputs=1),
+        "attn": GatherInput(n_other_inputs=3),  # the mask, the rotary cos and sin
         "attn.qkv": "colwise",
         "attn.proj": "rowwise",
         "ln_2": "norm",
