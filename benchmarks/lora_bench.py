@@ -9,7 +9,8 @@ numbers), fp32, eager, LoRA rank 8 / alpha 16 / no dropout on q, k, v and o, Ada
 batch 2 x 512. lmforge's step is `lmforge bench --lora-rank 8` (the fine-tuning step: model built,
 transformed by lmforge.train.transforms, its optimizer); the two are alternated `--rounds` times.
 `--full` adds full fine-tuning of both (every weight trains) for reference; `--compile` adds lmforge with
-train.compile (each block compiled; the warm-up steps compile).
+train.compile (each block compiled, or the whole model with `--compile-scope model`; the warm-up
+steps compile).
 Needs `pip install transformers peft`.
 """
 
@@ -91,7 +92,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--full", action="store_true", help="also full fine-tuning of both")
-    parser.add_argument("--compile", action="store_true", help="also lmforge with train.compile (blocks)")
+    parser.add_argument("--compile", action="store_true", help="also lmforge with train.compile")
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                        help="train.compile_scope of --compile: each block compiled, or the whole model")  # fmt: skip
     args = parser.parse_args()
 
     results: dict[tuple[str, str], list[float]] = {}
@@ -104,8 +107,9 @@ def main() -> None:
                 kind = "LoRA" if lora else "full"
                 for compiled in (False, True) if args.compile else (False,):
                     ours = bench("llama", shape, batch_size, seq_len, args.steps, args.warmup, "fp32", compiled,
-                                 "cpu", lora_rank=8 if lora else 0, lora_targets=TARGETS_OURS)  # fmt: skip
-                    name = f"lmforge {kind}{' compiled' if compiled else ''}"
+                                 "cpu", lora_rank=8 if lora else 0, lora_targets=TARGETS_OURS,
+                                 compile_scope=args.compile_scope)  # fmt: skip
+                    name = f"lmforge {kind}{f' compiled ({args.compile_scope})' if compiled else ''}"
                     results.setdefault((shape, name), []).append(ours["tokens_per_sec"])
                     trainable[(shape, name)] = ours["trainable_params"]
                 theirs = time_hf(shape, batch_size, seq_len, args.steps, args.warmup, lora)
