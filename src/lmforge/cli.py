@@ -22,7 +22,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lmforge.bench import bench
 from lmforge.config import RunConfig, explain_parse_error, namespace_to_config, read_config_file
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, LmforgeError, report
 
 
 def quickstart(out: str = "runs/quickstart", max_steps: int | None = None) -> None:
@@ -1092,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _dispatch(parser, _resume_config(argv))
     except LmforgeError as err:
-        sys.stderr.write(f"lmforge: error: {err}\n")  # one write: ranks' lines do not interleave
+        report(err)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

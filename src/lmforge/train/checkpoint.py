@@ -233,7 +233,8 @@ def save_checkpoint(
                 f"the newest checkpoint is still {previous[-1]}"
                 if previous
                 else "no earlier checkpoint exists"
-            )
+            ),
+            every_rank=_distributed(),
         ) from None
     if _is_writer():
         _publish(tmp, final, step)

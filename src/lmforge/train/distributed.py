@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, report
 from lmforge.parallel.mesh import ParallelDims, init_distributed
 
 T = TypeVar("T")
@@ -33,6 +33,13 @@ def process_group(dims: ParallelDims, device: torch.device, timeout_s: int) -> I
         yield
         if dims.distributed:
             dist.barrier()  # no rank tears its process group down while another still talks to it
+    except LmforgeError as err:
+        if dims.distributed and err.every_rank:
+            # torchrun stops the other workers as soon as one exits non-zero: each rank prints its
+            # line before any of them leaves this barrier, or a slower rank's line is lost
+            report(err)
+            dist.barrier()
+        raise
     except RuntimeError as err:  # gloo/NCCL errors are RuntimeErrors (DistBackendError among them)
         if dims.distributed and _peer_failure(err):
             raise LmforgeError(
@@ -60,13 +67,13 @@ def on_rank0(fn: Callable[..., T], *args: object) -> T:
     result; the others wait, and raise its error too."""
     if not dist.is_initialized():
         return fn(*args)
-    outcome: list = [None, None]  # [error, result]
+    outcome: list = [None, None, False]  # [error, result, the error is an LmforgeError]
     failure = None
     if dist.get_rank() == 0:
         try:
             outcome[1] = fn(*args)
         except LmforgeError as err:
-            outcome[0] = str(err)
+            outcome[0], outcome[2] = str(err), True
         except Exception as err:  # a bug or an OSError: the others must not wait for the timeout
             failure = err
             outcome[0] = f"{type(err).__name__}: {err}"
@@ -74,7 +81,8 @@ def on_rank0(fn: Callable[..., T], *args: object) -> T:
     if failure is not None:
         raise failure
     if outcome[0] is not None:
-        raise LmforgeError(outcome[0] if dist.get_rank() == 0 else f"rank 0 failed: {outcome[0]}")
+        message = outcome[0] if dist.get_rank() == 0 else f"rank 0 failed: {outcome[0]}"
+        raise LmforgeError(message, every_rank=outcome[2])
     return outcome[1]
 
 
