@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.data.builtin import package_examples
-from lmforge.data.classify import LabelledDataset, prepare_classify
+from lmforge.data.classify import LabelledDataset, prepare_classify, val_groups
 from lmforge.data.errors import DataError
 from lmforge.evaluate.classify import accuracy_and_macro_f1
 from lmforge.models import build_model, model_config
@@ -44,11 +45,10 @@ def test_csv_and_jsonl_give_the_same_examples_and_groups_stay_whole(tmp_path, pr
     assert manifests[0]["examples"] == manifests[1]["examples"]
     val = LabelledDataset(tmp_path / "a", "val")
     train = LabelledDataset(tmp_path / "a", "train")
-    from lmforge.data.prepare import _val_score
-
-    in_val = {g for g in {g for _, _, g in rows} if _val_score(0, g) < 0.3}  # whole groups go to val
+    in_val = val_groups([(g, t, label) for t, label, g in rows], 0.3, 0)  # whole groups go to val
     assert 0 < len(in_val) < 20
     assert len(val) == sum(1 for _, _, g in rows if g in in_val) and len(train) == 60 - len(val)
+    assert sorted(val.labels.tolist()) == sorted(int(label == "good") for _, label, g in rows if g in in_val)
     # Every example starts with <|bos|> (the token an encoder classifies from).
     assert int(train.ids[train.offsets[0]]) == 0
 
@@ -72,15 +72,26 @@ def test_bad_classification_data_is_named(content, message, tmp_path, prepared_d
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_the_builtin_task_has_at_least_eight_packages_and_no_file_on_both_sides():
+def test_the_builtin_task_has_at_least_eight_packages_each_on_both_sides_and_no_file_on_both():
     examples = package_examples()
-    assert len({label for _, _, label in examples}) >= 8
-    from lmforge.data.prepare import _val_score
+    packages = {label for _, _, label in examples}
+    assert len(packages) >= 8
+    for seed in (0, 1337):
+        held_out = val_groups(examples, 0.2, seed)
+        val = Counter(label for group, _, label in examples if group in held_out)
+        total = Counter(label for _, _, label in examples)
+        # every package is in both splits, near the asked share (a file's chunks share one side)
+        shares = {p: val[p] / total[p] for p in packages}
+        assert all(0.05 < share < 0.35 for share in shares.values()), shares
+        assert 0.18 < val.total() / total.total() < 0.25
 
-    sides: dict[str, set[bool]] = {}
-    for group, _, _ in examples:
-        sides.setdefault(group, set()).add(_val_score(1337, group) < 0.2)
-    assert all(len(s) == 1 for s in sides.values())  # a file's chunks share one side
+
+def test_the_split_without_groups_is_exactly_stratified():
+    examples = [(f"line {i}", "text", label) for i, label in enumerate(["a"] * 50 + ["b"] * 10 + ["c"] * 5)]
+    held_out = val_groups(examples, 0.2, 0)
+    assert Counter(label for group, _, label in examples if group in held_out) == {"a": 10, "b": 2, "c": 1}
+    one_group = [("g", "text", "a"), ("g", "text", "a"), ("h", "text", "b")]
+    assert val_groups(one_group, 0.5, 0) == set()  # a label's only group stays in training
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
