@@ -38,7 +38,8 @@ def process_group(dims: ParallelDims, device: torch.device, timeout_s: int) -> I
             # torchrun stops the other workers as soon as one exits non-zero: each rank prints its
             # line before any of them leaves this barrier, or a slower rank's line is lost
             report(err)
-            dist.barrier()
+            with contextlib.suppress(RuntimeError):  # a peer died meanwhile: the line is out already
+                dist.barrier()
         raise
     except RuntimeError as err:  # gloo/NCCL errors are RuntimeErrors (DistBackendError among them)
         if dims.distributed and _peer_failure(err):
