@@ -12,6 +12,9 @@ class LmforgeError(Exception):
     """A problem with the user's input, named in one line. every_rank: every rank of a distributed
     run raises it at the same point (a failure the ranks agreed on in a collective)."""
 
+    every_rank = False
+    reported = False  # its line is printed (lmforge.errors.report)
+
     def __init__(self, message: str = "", every_rank: bool = False) -> None:
         super().__init__(message)
         self.every_rank = every_rank

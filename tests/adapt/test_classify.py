@@ -92,6 +92,10 @@ def test_the_split_without_groups_is_exactly_stratified():
     assert Counter(label for group, _, label in examples if group in held_out) == {"a": 10, "b": 2, "c": 1}
     one_group = [("g", "text", "a"), ("g", "text", "a"), ("h", "text", "b")]
     assert val_groups(one_group, 0.5, 0) == set()  # a label's only group stays in training
+    # a label that is only ever the minority of one group: that group stays in training, whatever the seed
+    mixed = [(f"g{i}", "text", "good") for i in range(10) for _ in range(3)]
+    mixed += [("r", "text", "bad"), *[("r", "text", "good")] * 3]
+    assert all("r" not in val_groups(mixed, 0.5, seed) for seed in range(20))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])

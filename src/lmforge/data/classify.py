@@ -98,7 +98,8 @@ def val_groups(examples: list[Example], val_fraction: float, seed: int) -> set[s
     """The groups held out for validation, stratified by label: for each label, whole groups in the
     order of their seeded hash, each taken if it brings the label's held-out share closer to
     val_fraction of its examples (a group too big to fit is passed over for smaller ones), until the
-    share is reached; a label's last group always stays in training. A plain hash per group would
+    share is reached; no group is held out that would leave a label (any of its examples' labels)
+    without a training example. A plain hash per group would
     leave a label out of validation, or hold out most of it, when a few groups are large (the
     built-in task's files: 6 of its 11 packages were in validation, half of it asyncio). A group's
     label is its most frequent one; groups of one example (no group given) give an exactly
@@ -110,16 +111,19 @@ def val_groups(examples: list[Example], val_fraction: float, seed: int) -> set[s
     for group, labels in sizes.items():
         label = labels.most_common(1)[0][0]
         by_label.setdefault(label, []).append((_val_score(seed, group), group, labels.total()))
+    in_training = Counter(label for _, _, label in examples)
     held_out: set[str] = set()
     for groups in by_label.values():
         goal = val_fraction * sum(n for _, _, n in groups)
-        taken, left = 0, len(groups)
+        taken = 0
         for _, group, n in sorted(groups):
-            if taken >= goal or left == 1:
+            if taken >= goal:
                 break
-            if abs(taken + n - goal) < abs(taken - goal):
+            keeps_every_label = all(in_training[label] > count for label, count in sizes[group].items())
+            if keeps_every_label and abs(taken + n - goal) < abs(taken - goal):
                 held_out.add(group)
-                taken, left = taken + n, left - 1
+                taken += n
+                in_training.subtract(sizes[group])
     return held_out
 
 
