@@ -18,7 +18,6 @@ class LmforgeError(Exception):
     def __init__(self, message: str = "", every_rank: bool = False) -> None:
         super().__init__(message)
         self.every_rank = every_rank
-        self.reported = False
 
 
 def report(err: LmforgeError) -> None:

@@ -3,8 +3,9 @@
 Input: CSV (a header with `text` and `label` columns) or JSONL (`{"text": ..., "label": ...}`)
 files (a file, a directory or a glob), or the built-in `stdlib-packages` task (lmforge.data.builtin).
 An optional `group` column/key keeps examples of one group in one split (the built-in task groups
-chunks by source file, so no file is in both); the split is stratified by label (`val_groups`). A malformed line or row is an error naming the file
-and line (`data.malformed: error`), or is skipped and counted (`skip`).
+chunks by source file, so no file is in both); the split is stratified by label (`val_groups`). A
+malformed line or row is an error naming the file and line (`data.malformed: error`), or is skipped
+and counted (`skip`).
 
 Each text is `<|bos|>` + its tokens, cut at seq_len (counted as truncated): the first token is the
 one an encoder classifies from, the last real token the one a decoder does. Labels are strings,
@@ -98,12 +99,11 @@ def val_groups(examples: list[Example], val_fraction: float, seed: int) -> set[s
     """The groups held out for validation, stratified by label: for each label, whole groups in the
     order of their seeded hash, each taken if it brings the label's held-out share closer to
     val_fraction of its examples (a group too big to fit is passed over for smaller ones), until the
-    share is reached; no group is held out that would leave a label (any of its examples' labels)
-    without a training example. A plain hash per group would
-    leave a label out of validation, or hold out most of it, when a few groups are large (the
-    built-in task's files: 6 of its 11 packages were in validation, half of it asyncio). A group's
-    label is its most frequent one; groups of one example (no group given) give an exactly
-    stratified split."""
+    share is reached; no group is held out that would leave any of its labels without a training
+    example. A group counts for its most frequent label; groups of one example (no group given) give
+    an exactly stratified split. A plain hash per group would leave a label out of validation, or
+    hold out most of it, when a few groups are large (the built-in task's files: 6 of its 11
+    packages were in validation, half of it asyncio)."""
     sizes: dict[str, Counter[str]] = {}
     for group, _, label in examples:
         sizes.setdefault(group, Counter())[label] += 1
