@@ -98,15 +98,23 @@ def test_the_split_without_groups_is_exactly_stratified():
     assert all("r" not in val_groups(mixed, 0.5, seed) for seed in range(20))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
-def test_the_head_reads_the_right_token_and_ignores_padding(family):
+@pytest.mark.parametrize(
+    ("family", "shape"),
+    [("llama", {}), ("gpt2", {}), ("bert", {}), ("bert", {"pooling": "mean"})],
+    ids=["llama", "gpt2", "bert", "bert-mean"],
+)
+def test_the_head_reads_the_right_token_and_ignores_padding(family, shape):
     torch.manual_seed(0)
-    model = build_model(model_config(family, "debug", n_classes=3), "cpu").eval()
+    model = build_model(model_config(family, "debug", n_classes=3, **shape), "cpu").eval()
     ids = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(1))
     padded = torch.cat([ids, torch.full((1, 5), 2)], dim=1)
     mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 5)], dim=1).bool()
     with torch.no_grad():
         alone, with_pads = model(ids), model(padded, pad_mask=mask)
+        if family == "bert":  # the pooling chosen is the one read
+            hidden = model.hidden_states(ids)
+            pooled = hidden.mean(dim=1) if shape else hidden[:, 0]
+            assert torch.allclose(alone, model.classifier(pooled), atol=1e-6)
     assert alone.shape == (1, 3)
     assert (alone - with_pads).abs().max() < 1e-5
 

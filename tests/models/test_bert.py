@@ -127,6 +127,29 @@ def test_the_masked_lm_loss_gathers_only_the_chosen_positions():
     assert flops["every"] - flops["two"] == 2 * (20 - 2) * dim * vocab  # 18 rows fewer in the head
 
 
+def test_the_masked_lm_gradient_reaches_only_the_head_rows_of_the_batchs_tokens():
+    """The masked-LM objective's head_rows (BertConfig.head_gradient=batch): a token that is neither
+    an input nor a target gets no gradient in its tied embedding/head row, and the loss is the same;
+    without them every row gets one."""
+    from lmforge.train.mlm import tokens_in_batch
+
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+    targets = torch.full((2, 12), -100)
+    targets[0, 3], targets[1, 8] = 300, 301  # targets that are not inputs: their rows must learn
+    rows = tokens_in_batch(ids, targets, 512)
+    assert rows.sum() == len(set(ids.flatten().tolist())) + 2 and rows[[300, 301]].all()
+    grads, losses = {}, {}
+    for name, head_rows in (("batch", rows), ("all", None)):
+        model = debug_bert("rotary")
+        losses[name] = model(ids, targets=targets, head_rows=head_rows)
+        losses[name].backward()
+        grads[name] = model.tok_embeddings.weight.grad.abs().sum(dim=1)  # (V,)
+    assert torch.equal(losses["batch"], losses["all"])
+    assert (grads["batch"][~rows] == 0).all() and (grads["batch"][rows] > 0).all()
+    assert (grads["all"][~rows] > 0).all()
+    assert torch.allclose(grads["batch"][rows], grads["all"][rows])
+
+
 def test_positions_must_be_learned_or_rotary():
     with pytest.raises(ValueError, match="positions must be 'learned' or 'rotary'"):
         model_config("bert", "debug", positions="sinusoidal")

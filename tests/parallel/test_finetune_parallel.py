@@ -1,7 +1,10 @@
 """Fine-tuning under DDP and FSDP2 on 2 gloo processes (torchrun, as a user launches it): the same
-losses as one process on the same global batch, and frozen weights unchanged bit for bit."""
+losses as one process on the same global batch, and frozen weights unchanged bit for bit; SFT that
+first grows the vocabulary; masked-LM pretraining."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -81,3 +84,29 @@ def test_masked_lm_under_fsdp_matches_one_process(prepared_dir, tmp_path):
     result = launch(2, common_args(prepared_dir, two, 2, *bert), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_close(losses(two), losses(one))
+
+
+def test_sft_that_grows_the_vocabulary_under_fsdp_matches_one_process(prepared_dir, base, tmp_path):
+    """The base has no chat tokens: SFT first writes a grown copy of it (a checkpoint, saved by every
+    rank together), then trains; 2 ranks neither hang nor differ from one process."""
+    examples = tmp_path / "chat.jsonl"
+    lines = [
+        {"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}
+        for a in range(40)
+        for b in (1, 2)
+    ]
+    examples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        sft = [
+            "--data.task=sft",
+            f"--data.source={examples}",
+            f"--data.dir={out}-data",
+            "--data.val_fraction=0.2",
+        ]
+        result = launch(nproc, finetune_args(prepared_dir, base, out, nproc, *sft), tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (out / "base" / "tokenizer.json").is_file()  # the grown base
+        runs[nproc] = out
+    assert_close(losses(runs[2]), losses(runs[1]))

@@ -14,7 +14,7 @@ from lmforge.train.optim import build_optimizer
 float8_linear = pytest.importorskip("torchao.float8.float8_linear")
 
 
-def _train(float8: bool, steps: int = 30) -> list[float]:
+def _train(float8: bool, steps: int = 15) -> list[float]:
     from lmforge.train.float8 import apply_float8
 
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def _train(float8: bool, steps: int = 30) -> list[float]:
 def test_float8_training_tracks_the_fp32_loss_curve():
     reference, float8 = _train(False), _train(True)
     assert float8 != reference  # the float8 casts did take part
-    assert reference[-1] < 0.5 * reference[0]
+    assert reference[-1] < 0.6 * reference[0]  # it learns (one batch, memorised)
     for step, (a, b) in enumerate(zip(reference, float8, strict=True)):
         assert abs(a - b) <= 0.03 * a, (step, a, b)
 

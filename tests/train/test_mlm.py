@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,19 @@ def test_masked_lm_pretraining_learns_and_resumes_exactly(debug_config, tmp_path
     assert out["val_masked"] > 0 and 0 < out["val_accuracy"] < 1
     assert main(["generate", str(tmp_path / "straight"), "--prompt", "x"]) == 2
     assert "is an encoder (model family bert): it does not generate text" in capsys.readouterr().err
+
+    # A classifier fine-tuned from it that reads the mean of the tokens: the fine-tune sets the head's
+    # pooling, and keeps the rest of the model section.
+    labelled = tmp_path / "labelled.jsonl"
+    words = {"code": "def class import return", "prose": "the and of to in"}
+    labelled.write_text("".join(json.dumps({"text": f"{t} {i}", "label": k}) + "\n" for i in range(20) for k, t in words.items()))  # fmt: skip
+    recipe = Path(__file__).parents[2] / "recipes" / "classify.yaml"
+    args = ["finetune", "--config", str(recipe), "--init", str(tmp_path / "straight"), "--out", str(tmp_path / "cls"),
+            f"--data.source={labelled}", f"--data.seq_len={cfg.data.seq_len}", "--model.shape={pooling: mean}",
+            "--train.max_steps=2", "--train.eval_every=0", "--logging.progress=false"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    model = load_config(tmp_path / "cls" / "config.yaml").model
+    assert (model.family, model.shape) == ("bert", {**(cfg.model.shape or {}), "n_classes": 2, "pooling": "mean"})
 
 
 def test_an_encoder_refuses_sft_and_model_parallel_layouts(debug_config, tmp_path):

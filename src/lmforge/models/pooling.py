@@ -1,6 +1,7 @@
 """One vector per sequence from a model's last hidden states, for a classification head: the first
-position (an encoder's, which sees the whole sequence) or the last real token (a decoder's, the
-only position that has seen every token; rows are right-padded)."""
+position or the mean of the real tokens (an encoder's, where every position sees the whole
+sequence), or the last real token (a decoder's, the only position that has seen every token; rows
+are right-padded)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,11 @@ def last_token(hidden: Tensor, pad_mask: Tensor | None) -> Tensor:
         return hidden[:, -1]
     last = pad_mask.long().sum(dim=1).clamp(min=1) - 1  # (B,)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def mean_of_tokens(hidden: Tensor, pad_mask: Tensor | None) -> Tensor:
+    """(B, T, D) -> (B, D): the mean over the positions where pad_mask (B, T) is True, or over all."""
+    if pad_mask is None:
+        return hidden.mean(dim=1)
+    weights = pad_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)

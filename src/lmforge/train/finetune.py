@@ -29,7 +29,6 @@ from lmforge.rundir import (
     run_model_config,
 )
 from lmforge.train.checkpoint import save_checkpoint
-from lmforge.train.distributed import on_rank0
 from lmforge.train.optim import build_optimizer
 from lmforge.train.resume import without_classes
 
@@ -51,20 +50,22 @@ def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
             f"config key 'train.init': {init_dir} is quantized ({init_cfg.compress.quantize}), its weights cannot "
             f"train: fine-tune the checkpoint it was made from ({init_cfg.compress.source}), then quantize the result"
         )
-    mine, theirs = (without_classes(to_dict(c)["model"]) for c in (cfg, init_cfg))  # a classifier head aside
-    if mine not in (without_classes(to_dict(RunConfig())["model"]), theirs):
+    mine, theirs = (without_head(to_dict(c)["model"]) for c in (cfg, init_cfg))  # a classifier head aside
+    if mine not in (without_head(to_dict(RunConfig())["model"]), theirs):
         raise ConfigError(
             f"config section 'model' ({to_dict(cfg)['model']}) differs from that of config key 'train.init' "
             f"{init_dir} ({to_dict(init_cfg)['model']}): fine-tuning keeps the model; leave the section out"
         )
     seq_len = init_cfg.data.seq_len if cfg.data.seq_len == DataConfig().seq_len else cfg.data.seq_len
     weights_dir, model = init_dir, init_cfg.model
+    if cfg.model.shape and "pooling" in cfg.model.shape:  # the fine-tune's choice of what the head reads
+        model = replace(model, shape={**(model.shape or {}), "pooling": cfg.model.shape["pooling"]})
     if (
         cfg.data.task != "classify" and model.shape and "n_classes" in model.shape
     ):  # a classifier's head stays behind
         model = replace(model, shape={k: v for k, v in model.shape.items() if k != "n_classes"} or None)
     if cfg.data.task == "sft" and not has_chat_template(load_tokenizer(init_dir / "tokenizer.json")):
-        weights_dir = on_rank0(grow_vocabulary, init_dir, run_dir / "base")
+        weights_dir = grow_vocabulary(init_dir, run_dir / "base")  # every rank: the save is collective
         model = load_config(weights_dir / "config.yaml").model
     tokenizer = str(weights_dir / "tokenizer.json")
     if cfg.data.tokenizer not in (None, tokenizer):
@@ -77,9 +78,17 @@ def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
     return cfg, weights_dir
 
 
+def without_head(model: dict) -> dict:
+    """A model section as a dict without the classification head's fields, which a fine-tune sets
+    rather than takes from its init: the number of classes and the pooling (model.shape)."""
+    shape = {k: v for k, v in (without_classes(model).get("shape") or {}).items() if k != "pooling"}
+    return {**model, "shape": shape or None}
+
+
 def grow_vocabulary(init_dir: Path, base_dir: Path) -> Path:
     """A checkpoint of `init_dir` whose tokenizer has the chat tokens, in base_dir (made once, then
-    reused); new rows of the embedding (and untied head) are the mean of the tokenizer's old rows."""
+    reused); new rows of the embedding (and untied head) are the mean of the tokenizer's old rows.
+    Every rank calls it (save_checkpoint's phases are collectives; each rank builds the same model)."""
     if list_checkpoints(base_dir):
         return latest_checkpoint(base_dir)
     cfg = load_config(init_dir / "config.yaml")

@@ -5,6 +5,20 @@ Batches are the corpus windows of the pretraining loader, masked by lmforge.data
 each row's index in the global stream), so resuming, or splitting the same global batch over more
 ranks, masks alike. The loss is over the masked positions; evaluation reports it with the top-1
 accuracy there, on validation windows masked once and for all. Not a pipeline objective.
+
+The tied head's gradient (BertConfig.head_gradient: batch, the default). The softmax pushes every
+row of the head that is not the target away from the hidden state, a little, at every masked
+position, and Adam normalises such steady small gradients up to full-size steps. A row whose token
+is rarely a target (most of an 8k vocabulary in a few hundred steps) gets almost only that push, so
+the rare rows drift together along one direction (Gao et al. 2019, "Representation Degeneration
+Problem in Training Natural Language Generation Models"). Measured after 600 steps on the stdlib
+corpus (tiny flavor): the rare rows had cosine 0.87-0.94 with the mean row, and a classifier
+fine-tuned from these embeddings did worse than one trained from random weights. So the gradient
+reaches only the rows of the tokens in the batch, inputs or targets (as Yu et al. 2022, "Rare
+Tokens Degenerate All Tokens", gate it for rare tokens): the collapse is gone (cosine 0.02) at the
+same masked-LM accuracy (docs/finetune.md). Under data parallelism "the batch" is every rank's
+micro-batch of the same micro-step (an all-reduce of a vocabulary-sized mask), so 2 ranks of 4 rows
+train exactly as one process of 8 does.
 """
 
 from __future__ import annotations
@@ -12,12 +26,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lmforge.data.loader import Batch, BatchLoader
 from lmforge.data.mlm import Masker
 from lmforge.evaluate.mlm import evaluate_masked_lm
-from lmforge.ops.cross_entropy import cross_entropy
+from lmforge.ops.cross_entropy import IGNORE_INDEX, cross_entropy
 from lmforge.train.objective import LoaderObjective
 
 if TYPE_CHECKING:
@@ -28,9 +44,12 @@ class MaskedLM(LoaderObjective):
     pipeline_loss: Callable[[Tensor, Tensor], Tensor] | None = None
     by_targets = True  # how many positions a row masks varies
 
-    def __init__(self, loader: BatchLoader, val_windows: list[Batch], fused_loss: bool, masker: Masker):
+    def __init__(self, loader: BatchLoader, val_windows: list[Batch], fused_loss: bool, masker: Masker,
+                 head_rows_of: int | None = None):  # fmt: skip
+        """head_rows_of: the vocabulary size, when the head's gradient reaches the batch's rows only."""
         self.loader, self.fused_loss, self.masker = loader, fused_loss, masker
         self.val_data = masker.batches(val_windows)
+        self.head_rows_of = head_rows_of
 
     def next_batch(self) -> Batch:
         start = self.loader.samples_seen + self.loader.rank * self.loader.batch_size  # this rank's first row
@@ -39,9 +58,10 @@ class MaskedLM(LoaderObjective):
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         inputs, targets = batch
+        rows = None if self.head_rows_of is None else tokens_in_batch(inputs, targets, self.head_rows_of)
         if self.fused_loss:
-            return model(inputs, targets=targets)
-        return cross_entropy(model(inputs), targets)
+            return model(inputs, targets=targets, head_rows=rows)
+        return cross_entropy(model(inputs, head_rows=rows), targets)
 
     def evaluate(self, step: TrainStep) -> dict:
         assert step.model is not None
@@ -51,3 +71,15 @@ class MaskedLM(LoaderObjective):
 
     def samples(self, step: TrainStep, at_step: int) -> list[str]:
         return []  # an encoder does not generate
+
+
+def tokens_in_batch(inputs: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """(vocab_size,) bool: the tokens among the inputs (B, T) and targets (B, T; IGNORE_INDEX where
+    none) of this micro-batch, and under torch.distributed of every rank's (all ranks call this at
+    the same micro-step). No host sync."""
+    rows = torch.zeros(vocab_size, dtype=torch.uint8, device=inputs.device)
+    rows[inputs] = 1
+    rows[torch.where(targets == IGNORE_INDEX, inputs, targets)] = 1  # an ignored target: its input
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(rows, op=dist.ReduceOp.MAX)
+    return rows.bool()

@@ -79,7 +79,8 @@ def pretrain(
     objective: next-token prediction (CausalLM), or a subclass of it that changes what is learned
     from the same corpus (its loss, its metrics); the loop is the same.
     """
-    check_model_section(cfg.model)
+    if cfg.train.init is None:  # a fine-tune's model section is its init's (checked once adopted)
+        check_model_section(cfg.model)
     run_dir = Path(out)
     dims = resolve_dims(cfg.parallel, world_size_from_env())
     device = local_device(resolve_device(cfg.train.device))
@@ -101,6 +102,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
     init_dir = None
     if cfg.train.init is not None:
         cfg, init_dir = adopt_init(cfg, run_dir)
+        check_model_section(cfg.model)  # with the fine-tune's head settings (model.shape.pooling)
     if cfg.distill.teacher is not None:  # the student reads the teacher's token ids
         cfg = adopt_teacher_tokenizer(cfg)
     encoder = family_spec(cfg.model.family).encoder
@@ -188,7 +190,8 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         val_batch = cfg.train.micro_batch_size * (accum_steps if dims.pp > 1 else 1)
         val_data = val_batches(data_dir, val_batch, cfg.data.seq_len, cfg.train.eval_batches)
         if encoder:
-            objective = MaskedLM(loader, val_data, fused_loss, Masker(tokenizer, cfg.train.seed))
+            head_rows_of = model_cfg.vocab_size if getattr(model_cfg, "head_gradient", "all") == "batch" else None
+            objective = MaskedLM(loader, val_data, fused_loss, Masker(tokenizer, cfg.train.seed), head_rows_of)
         elif cfg.distill.teacher is not None:
             objective = Distillation(loader, val_data, load_teacher(cfg.distill.teacher, device), cfg.distill.alpha,
                                      cfg.distill.temperature, tokenizer.get_vocab_size(), tokenizer,

@@ -9,7 +9,9 @@ later encoders do: the blocks are pre-norm (the LayerNorm at each sub-block's in
 most encoders since; stabler at the higher learning rates small models train with) with a final
 LayerNorm that the output reads directly (no extra dense + LayerNorm transform before it, and no
 output bias), and there is no next-sentence objective or segment embedding (RoBERTa, Liu et al.
-2019, found it unhelpful).
+2019, found it unhelpful). The masked-LM loss's gradient reaches only the head rows of the tokens in
+the batch (`head_gradient: batch`; lmforge.train.mlm says why), and the classification head reads
+the first token or the mean of the tokens (`pooling`).
 
 Positions: `positions: learned` (the default) is BERT's table of learned absolute position embeddings,
 added to the token embeddings. `positions: rotary` rotates each head's queries and keys instead
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.packing import document_positions
-from lmforge.models.pooling import first_token
+from lmforge.models.pooling import first_token, mean_of_tokens
 from lmforge.models.rope import apply_rope, rope_tables
 from lmforge.ops.cross_entropy import linear_cross_entropy
 
@@ -58,6 +60,11 @@ class BertConfig:
     n_classes: int = 0  # > 0: a classification head on the first token (forward returns (B, n_classes))
     positions: str = "learned"  # "learned": BERT's absolute position table; "rotary": RoPE on q and k
     rope_theta: float = 10000.0  # the RoPE base, with positions="rotary"
+    pooling: str = "first"  # the classification head reads: "first" token, or the "mean" of the tokens
+    # Which rows of the tied head the masked-LM loss's gradient reaches in training: "batch", those of
+    # the tokens in the batch (inputs and targets); "all", every row (the plain softmax). The
+    # objective (lmforge.train.mlm) chooses the rows and passes them to forward as head_rows.
+    head_gradient: str = "batch"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads"):
@@ -76,6 +83,10 @@ class BertConfig:
             raise ValueError(f"BertConfig.head_dim={self.head_dim} must be even for rotary positions")
         if self.rope_theta <= 0:
             raise ValueError(f"BertConfig.rope_theta must be positive, got {self.rope_theta}")
+        if self.pooling not in ("first", "mean"):
+            raise ValueError(f"BertConfig.pooling must be 'first' or 'mean', got {self.pooling!r}")
+        if self.head_gradient not in ("batch", "all"):
+            raise ValueError(f"BertConfig.head_gradient must be 'batch' or 'all', got {self.head_gradient!r}")
 
     @property
     def head_dim(self) -> int:
@@ -192,6 +203,21 @@ def attention_mask(pad_mask: Tensor | None, doc_ids: Tensor | None) -> Tensor | 
     return mask
 
 
+class _GradientOnRows(torch.autograd.Function):
+    """The identity on a (V, D) weight whose backward keeps only the gradient of the rows in `rows`
+    (V,) bool: a view of the weight in forward, no copy."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return grad * rows[:, None].to(grad.dtype), None
+
+
 class Bert(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
@@ -273,23 +299,30 @@ class Bert(nn.Module):
 
     def forward(
         self, idx: Tensor, input_pos: Tensor | None = None, targets: Tensor | None = None,
-        doc_ids: Tensor | None = None, pad_mask: Tensor | None = None,
+        doc_ids: Tensor | None = None, pad_mask: Tensor | None = None, head_rows: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """idx: (B, T) int64 token ids -> masked-LM logits (B, T, vocab_size) in the compute dtype.
 
         targets: (B, T) int64, the original token at each masked position and IGNORE_INDEX (-100)
         elsewhere: return the mean cross-entropy over the masked positions (() fp32) instead, without
         materialising the logits. With cfg.n_classes: the class logits (B, n_classes) of each row's
-        first token instead. input_pos is accepted for the decoders' signature and must be None.
+        first token or mean token (cfg.pooling) instead. head_rows: (vocab_size,) bool: the
+        gradient through the masked-LM head reaches only these rows of the tied weight (the
+        objective's choice, BertConfig.head_gradient). input_pos is accepted for the decoders'
+        signature and must be None.
         """
         if input_pos is not None:
             raise ValueError("Bert is an encoder: it has no KV cache and takes no input_pos")
         h = self.hidden_states(idx, pad_mask, doc_ids)  # (B, T, dim)
-        if self.classifier is not None:  # the first token (the prepended <|bos|>) sees the whole text
-            return self.classifier(first_token(h))  # (B, n_classes)
+        if self.classifier is not None:  # every position, the prepended <|bos|> first, sees the whole text
+            pooled = first_token(h) if self.cfg.pooling == "first" else mean_of_tokens(h, pad_mask)
+            return self.classifier(pooled)  # (B, n_classes)
+        weight = self.output.weight  # (vocab_size, dim)
+        if head_rows is not None:
+            weight = _GradientOnRows.apply(weight, head_rows)
         if targets is not None:  # only the chosen ~15% of positions reach the output matmul
-            return linear_cross_entropy(h, self.output.weight, targets, only_counted=True)
-        return self.output(h)  # (B, T, vocab_size)
+            return linear_cross_entropy(h, weight, targets, only_counted=True)
+        return self.output(h) if head_rows is None else F.linear(h, weight)  # (B, T, vocab_size)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                        device: str | torch.device | None = None) -> None:  # fmt: skip
