@@ -177,7 +177,7 @@ def main() -> None:
     print(f"\n{len(train_labels)} training and {len(val_labels)} validation chunks (held-out files), 11 classes; "
           f"fine-tuning: {STEPS} steps x {BATCH} x {SEQ} tokens, AdamW, cosine; masked-LM pretraining: "
           f"{args.mlm_steps} steps x 16 x {SEQ} (val masked-LM accuracy {mlm_result['val_accuracy']:.3f}); "
-          f"encoder heads read the {args.pooling} token{'s' if args.pooling == 'mean' else ''}; "
+          f"encoder heads read {'the mean of the tokens' if args.pooling == 'mean' else 'the first token'}; "
           f"{total / 60:.1f} minutes in all ({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())})\n")  # fmt: skip
     print("| model | seeds | accuracy | macro-F1 | fine-tuning time |")
     print("| --- | ---: | ---: | ---: | ---: |")
