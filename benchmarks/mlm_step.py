@@ -59,7 +59,10 @@ def main() -> None:
     for gathered, values in tokens_per_s.items():
         name = "gathered" if gathered else "every row"
         print(f"{name}: {[round(v) for v in values]} tokens/s, median {statistics.median(values):.0f}")
-    print("per-round ratio:", [round(a / b, 3) for a, b in zip(tokens_per_s[True], tokens_per_s[False], strict=True)])
+    print(
+        "per-round ratio:",
+        [round(a / b, 3) for a, b in zip(tokens_per_s[True], tokens_per_s[False], strict=True)],
+    )
 
 
 if __name__ == "__main__":

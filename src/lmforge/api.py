@@ -33,7 +33,9 @@ def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu") -> tuple
     if load_config(ckpt_dir / "config.yaml").compress.quantize:  # an artifact of `lmforge compress quantize`
         from lmforge.compress.quantize import load_quantized
 
-        return load_quantized(model, ckpt_dir, torch.device(device)).eval(), load_tokenizer(ckpt_dir / "tokenizer.json")
+        return load_quantized(model, ckpt_dir, torch.device(device)).eval(), load_tokenizer(
+            ckpt_dir / "tokenizer.json"
+        )
     model.to_empty(device=device)
     model.init_weights()  # also fills the buffers that are not saved (e.g. RoPE tables)
     load_model_weights(model, ckpt_dir / "model")

@@ -39,7 +39,7 @@ class ModelConfig:
         flavor: Size preset of the family: debug, tiny, 124m, 350m, 1b, 7b, 70b, 175b.
         vocab_size: Embedding rows; by default the tokenizer's vocab rounded up to a multiple of 64.
         qk_norm: llama only: RMSNorm on each head's queries and keys before RoPE (as OLMo 2 and Qwen3), which keeps attention logits bounded at high learning rates.
-        shape: Fields of the family's config that replace the flavor's (e.g. {dim: 512, n_layers: 8}; bert: {positions: rotary}); `lmforge import` writes every field of the model it imports here. The context length is data.seq_len's.
+        shape: Fields of the family's config that replace the flavor's (e.g. {dim: 512, n_layers: 8}; bert: {positions: rotary}, {head_gradient: batch|all}, {pooling: first|mean}, the one key a fine-tune may set); `lmforge import` writes every field of the model it imports here. The context length is data.seq_len's.
     """
 
     family: str = "llama"  # checked against the registry of families when a run starts

@@ -41,7 +41,9 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
     transformers has no architecture for (the message names what is missing).
     """
     if load_config(ckpt_dir / "config.yaml").compress.quantize:  # torchao tensors: no transformers layout
-        raise CheckpointError(f"cannot export {ckpt_dir} to Hugging Face format: it is quantized; export its source")
+        raise CheckpointError(
+            f"cannot export {ckpt_dir} to Hugging Face format: it is quantized; export its source"
+        )
     model = meta_model(ckpt_dir)
     spec = spec_of(model)
     if spec.hf is None:

@@ -198,7 +198,9 @@ def decode_precision(ckpt_dir: Path, device: torch.device, compiled: bool = Fals
     benchmarks/RESULTS.md); int8-dynamic's integer
     matmul takes fp32 activations."""
     quantize = load_config(ckpt_dir / "config.yaml").compress.quantize
-    if device.type == "cpu" and (quantize in (None, "", "int8-dynamic") or (compiled and quantize == "int8-weight")):
+    if device.type == "cpu" and (
+        quantize in (None, "", "int8-dynamic") or (compiled and quantize == "int8-weight")
+    ):
         return torch.float32
     return run_precision(ckpt_dir, device)
 

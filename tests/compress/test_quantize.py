@@ -339,7 +339,9 @@ def test_decode_precision_of_quantized_runs(artifacts, tmp_path):
         (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
         run = run_precision(ckpt, cpu)
         assert decode_precision(ckpt, cpu) == (torch.float32 if scheme == "int8-dynamic" else run)
-        assert decode_precision(ckpt, cpu, compiled=True) == (run if scheme == "int4-weight" else torch.float32)
+        assert decode_precision(ckpt, cpu, compiled=True) == (
+            run if scheme == "int4-weight" else torch.float32
+        )
     assert run == torch.bfloat16 or not cpu_native_bf16()
 
 

@@ -159,6 +159,7 @@ def test_the_decode_step_traces_as_one_graph_and_compiled_rows_equal_eager(
 
     def eager_backend(device_type: str, fullgraph: bool = True):
         assert fullgraph  # a plain model: a graph break would be an error
+
         def count(graph_module, example_inputs):
             traced.append(graph_module)
             return graph_module.forward

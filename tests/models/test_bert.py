@@ -83,7 +83,9 @@ def test_rotary_positions_have_no_table_and_see_order():
     assert model.pos_embeddings is None and "pos_embeddings.weight" not in model.state_dict()
     learned = build_model(model_config("bert", "debug"), "meta")
     assert learned.num_params() - model.num_params() == model.cfg.max_seq_len * model.cfg.dim
-    cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta, torch.device("cpu"))
+    cos, sin = rope_tables(
+        model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta, torch.device("cpu")
+    )
     assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
     ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(3))
     swapped = ids.clone()
@@ -127,11 +129,17 @@ def test_the_masked_lm_loss_gathers_only_the_chosen_positions():
     assert flops["every"] - flops["two"] == 2 * (20 - 2) * dim * vocab  # 18 rows fewer in the head
 
 
-def test_the_masked_lm_gradient_reaches_only_the_head_rows_of_the_batchs_tokens():
-    """The masked-LM objective's head_rows (BertConfig.head_gradient=batch): a token that is neither
-    an input nor a target gets no gradient in its tied embedding/head row, and the loss is the same;
-    without them every row gets one."""
-    from lmforge.train.mlm import tokens_in_batch
+HEAD_GRADIENT_CASES = ["fused, own rows", "fused, rows given", "logits, rows given", "compiled"]
+
+
+@pytest.mark.parametrize("case", HEAD_GRADIENT_CASES)
+def test_the_masked_lm_gradient_reaches_only_the_head_rows_of_the_batchs_tokens(case):
+    """head_gradient=batch: a token that is neither an input nor a target gets no gradient in its
+    tied embedding/head row, and the loss is the same; with head_gradient=all every row gets one.
+    The rows: the model's own (idx and targets), or the objective's (head_rows), in the fused loss,
+    through the logits, and under torch.compile."""
+    from lmforge.models.bert.model import tokens_in_batch
+    from lmforge.ops.cross_entropy import cross_entropy
 
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(5))
     targets = torch.full((2, 12), -100)
@@ -139,12 +147,19 @@ def test_the_masked_lm_gradient_reaches_only_the_head_rows_of_the_batchs_tokens(
     rows = tokens_in_batch(ids, targets, 512)
     assert rows.sum() == len(set(ids.flatten().tolist())) + 2 and rows[[300, 301]].all()
     grads, losses = {}, {}
-    for name, head_rows in (("batch", rows), ("all", None)):
-        model = debug_bert("rotary")
-        losses[name] = model(ids, targets=targets, head_rows=head_rows)
-        losses[name].backward()
-        grads[name] = model.tok_embeddings.weight.grad.abs().sum(dim=1)  # (V,)
-    assert torch.equal(losses["batch"], losses["all"])
+    for head_gradient in ("batch", "all"):
+        torch.manual_seed(0)
+        model = build_model(model_config("bert", "debug", head_gradient=head_gradient), "cpu")
+        if case == "compiled":
+            model = torch.compile(model, backend="aot_eager")
+        if case == "logits, rows given":
+            losses[head_gradient] = cross_entropy(model(ids, head_rows=rows), targets)
+        else:
+            head_rows = rows if case == "fused, rows given" else None
+            losses[head_gradient] = model(ids, targets=targets, head_rows=head_rows)
+        losses[head_gradient].backward()
+        grads[head_gradient] = model.tok_embeddings.weight.grad.abs().sum(dim=1)  # (V,)
+    assert torch.allclose(losses["batch"], losses["all"])
     assert (grads["batch"][~rows] == 0).all() and (grads["batch"][rows] > 0).all()
     assert (grads["all"][~rows] > 0).all()
     assert torch.allclose(grads["batch"][rows], grads["all"][rows])

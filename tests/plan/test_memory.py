@@ -51,7 +51,11 @@ CONFIGS = {
     "llama-debug-qk-norm-tied": ("llama", "debug", {"qk_norm": True, "tie_embeddings": True}),
     "llama-tiny-qk-norm": ("llama", "tiny", {"qk_norm": True}),
     # heads pruned (lmforge compress prune): the heads' width 2 * 16 is not dim = 64
-    "llama-debug-pruned-heads": ("llama", "debug", {"n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "qk_norm": True}),
+    "llama-debug-pruned-heads": (
+        "llama",
+        "debug",
+        {"n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "qk_norm": True},
+    ),
     "gpt2-debug": ("gpt2", "debug", {}),
     "gpt2-tiny": ("gpt2", "tiny", {}),
     "bert-debug": ("bert", "debug", {}),

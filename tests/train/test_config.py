@@ -99,5 +99,7 @@ def test_model_shape_replaces_the_flavors_fields_and_bad_fields_are_named():
         assert str(err.value).startswith(message), str(err.value)
     # the encoder's positions take a string; a wrong one is named
     check_model_section(ModelConfig(family="bert", flavor="debug", shape={"positions": "rotary"}))
-    with pytest.raises(ConfigError, match="'model.shape': BertConfig.positions must be 'learned' or 'rotary'"):
+    with pytest.raises(
+        ConfigError, match="'model.shape': BertConfig.positions must be 'learned' or 'rotary'"
+    ):
         check_model_section(ModelConfig(family="bert", flavor="debug", shape={"positions": "alibi"}))

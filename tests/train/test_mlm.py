@@ -90,7 +90,10 @@ def test_masked_lm_pretraining_learns_and_resumes_exactly(debug_config, tmp_path
             "--train.max_steps=2", "--train.eval_every=0", "--logging.progress=false"]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
     model = load_config(tmp_path / "cls" / "config.yaml").model
-    assert (model.family, model.shape) == ("bert", {**(cfg.model.shape or {}), "n_classes": 2, "pooling": "mean"})
+    assert (model.family, model.shape) == (
+        "bert",
+        {**(cfg.model.shape or {}), "n_classes": 2, "pooling": "mean"},
+    )
 
 
 def test_an_encoder_refuses_sft_and_model_parallel_layouts(debug_config, tmp_path):

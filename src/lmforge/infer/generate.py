@@ -83,7 +83,8 @@ def decode_one_token(model: FamilyModel, token: Tensor, pos: int | Tensor) -> Te
 # decode_one_token under its own code object (dynamo keeps compiled code per code object), for the
 # models whose compiled step breaks around modules that run eagerly: see compiled_decode_one_token.
 _decode_one_token_around_eager_modules = types.FunctionType(
-    decode_one_token.__code__.replace(co_name="decode_one_token_around_eager_modules"), decode_one_token.__globals__
+    decode_one_token.__code__.replace(co_name="decode_one_token_around_eager_modules"),
+    decode_one_token.__globals__,
 )
 
 
@@ -227,7 +228,9 @@ class DecodeBatch:
         server decodes on one). Measured, tiny llama, batch 1, 2 threads, 128 tokens: 887 -> 920
         tokens/s (a script not kept; benchmarks/RESULTS.md has the combined figure, 863 -> 905)."""
         stance = getattr(torch._dynamo.eval_frame, "_stance", None)
-        default = getattr(stance, "stance", None) == "default" and not getattr(stance, "skip_guard_eval_unsafe", 1)
+        default = getattr(stance, "stance", None) == "default" and not getattr(
+            stance, "skip_guard_eval_unsafe", 1
+        )
         if not self._whole_graph or not self._guards_checked or not default:
             return contextlib.nullcontext()
         return torch.compiler.set_stance(skip_guard_eval_unsafe=True)

@@ -27,4 +27,5 @@ def mean_of_tokens(hidden: Tensor, pad_mask: Tensor | None) -> Tensor:
     if pad_mask is None:
         return hidden.mean(dim=1)
     weights = pad_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    count = pad_mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1) int: exact, whatever the dtype
+    return (hidden * weights).sum(dim=1) / count.to(hidden.dtype)

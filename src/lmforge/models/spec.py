@@ -164,5 +164,5 @@ class FamilySpec:
     # LoRA's target groups (lora.targets: attention, mlp) -> block-relative linear layer names
     lora_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # An encoder (bidirectional attention, a masked-LM head): pretrained with the masked-LM objective,
-    # classified from its first token, never generating; data-parallel layouts only (no TP or PP yet).
+    # classified from its first or mean token, never generating; data-parallel layouts only (no TP or PP yet).
     encoder: bool = False

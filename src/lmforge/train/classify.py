@@ -1,5 +1,5 @@
-"""Classification's objective: a head on the model (an encoder's first token, a decoder's last real
-token: the families' `n_classes`), cross-entropy against labels, accuracy and macro-F1 on the
+"""Classification's objective: a head on the model (an encoder's first token or mean token, a
+decoder's last real token: the families' `n_classes`), cross-entropy against labels, accuracy and macro-F1 on the
 held-out split. Every example has one target, so micro-batches weigh alike. Not a pipeline
 objective."""
 

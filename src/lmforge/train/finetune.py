@@ -29,6 +29,7 @@ from lmforge.rundir import (
     run_model_config,
 )
 from lmforge.train.checkpoint import save_checkpoint
+from lmforge.train.distributed import on_rank0
 from lmforge.train.optim import build_optimizer
 from lmforge.train.resume import without_classes
 
@@ -36,7 +37,8 @@ from lmforge.train.resume import without_classes
 def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
     """`cfg` with the model section, tokenizer and (unless the config sets another) context length
     of `train.init`, and the checkpoint to load. A model section or tokenizer of the config's own
-    that differs from the init's is refused."""
+    that differs from the init's is refused, except for the classification head's settings
+    (model.shape.pooling), which the fine-tune sets."""
     assert cfg.train.init is not None
     init_dir = resolve_checkpoint(cfg.train.init).resolve()  # absolute: resumable from anywhere
     init_cfg = load_config(init_dir / "config.yaml")
@@ -54,7 +56,8 @@ def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
     if mine not in (without_head(to_dict(RunConfig())["model"]), theirs):
         raise ConfigError(
             f"config section 'model' ({to_dict(cfg)['model']}) differs from that of config key 'train.init' "
-            f"{init_dir} ({to_dict(init_cfg)['model']}): fine-tuning keeps the model; leave the section out"
+            f"{init_dir} ({to_dict(init_cfg)['model']}): fine-tuning keeps the model; leave the section out "
+            "(a classifier's head may set model.shape.pooling)"
         )
     seq_len = init_cfg.data.seq_len if cfg.data.seq_len == DataConfig().seq_len else cfg.data.seq_len
     weights_dir, model = init_dir, init_cfg.model
@@ -65,7 +68,7 @@ def adopt_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
     ):  # a classifier's head stays behind
         model = replace(model, shape={k: v for k, v in model.shape.items() if k != "n_classes"} or None)
     if cfg.data.task == "sft" and not has_chat_template(load_tokenizer(init_dir / "tokenizer.json")):
-        weights_dir = grow_vocabulary(init_dir, run_dir / "base")  # every rank: the save is collective
+        weights_dir = on_rank0(grow_vocabulary, init_dir, run_dir / "base")
         model = load_config(weights_dir / "config.yaml").model
     tokenizer = str(weights_dir / "tokenizer.json")
     if cfg.data.tokenizer not in (None, tokenizer):
@@ -88,7 +91,7 @@ def without_head(model: dict) -> dict:
 def grow_vocabulary(init_dir: Path, base_dir: Path) -> Path:
     """A checkpoint of `init_dir` whose tokenizer has the chat tokens, in base_dir (made once, then
     reused); new rows of the embedding (and untied head) are the mean of the tokenizer's old rows.
-    Every rank calls it (save_checkpoint's phases are collectives; each rank builds the same model)."""
+    One process does it (rank 0, under on_rank0): it writes the checkpoint alone, without collectives."""
     if list_checkpoints(base_dir):
         return latest_checkpoint(base_dir)
     cfg = load_config(init_dir / "config.yaml")
@@ -119,4 +122,4 @@ def grow_vocabulary(init_dir: Path, base_dir: Path) -> Path:
     cfg = replace(cfg, data=replace(cfg.data, tokenizer=str((base_dir / "tokenizer.json").resolve())))
     trainer_state = {"loader": {}, "grown_from": str(init_dir), "new_tokens": new_tokens - old_tokens}
     return save_checkpoint(base_dir, 0, model, build_optimizer(model, cfg.optim, "cpu"), trainer_state, cfg,
-                           base_dir / "tokenizer.json", keep_last=1).resolve()  # fmt: skip
+                           base_dir / "tokenizer.json", keep_last=1, alone=True).resolve()  # fmt: skip

@@ -18,7 +18,8 @@ reaches only the rows of the tokens in the batch, inputs or targets (as Yu et al
 Tokens Degenerate All Tokens", gate it for rare tokens): the collapse is gone (cosine 0.02) at the
 same masked-LM accuracy (docs/finetune.md). Under data parallelism "the batch" is every rank's
 micro-batch of the same micro-step (an all-reduce of a vocabulary-sized mask), so 2 ranks of 4 rows
-train exactly as one process of 8 does.
+train exactly as one process of 8 does. With gradient accumulation each micro-step has its own
+rows: a layout with another number of micro-batches per step trains slightly differently.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 from lmforge.data.loader import Batch, BatchLoader
 from lmforge.data.mlm import Masker
 from lmforge.evaluate.mlm import evaluate_masked_lm
-from lmforge.ops.cross_entropy import IGNORE_INDEX, cross_entropy
+from lmforge.models.bert.model import tokens_in_batch
+from lmforge.ops.cross_entropy import cross_entropy
 from lmforge.train.objective import LoaderObjective
 
 if TYPE_CHECKING:
@@ -45,11 +47,12 @@ class MaskedLM(LoaderObjective):
     by_targets = True  # how many positions a row masks varies
 
     def __init__(self, loader: BatchLoader, val_windows: list[Batch], fused_loss: bool, masker: Masker,
-                 head_rows_of: int | None = None):  # fmt: skip
-        """head_rows_of: the vocabulary size, when the head's gradient reaches the batch's rows only."""
+                 head_rows_vocab: int | None = None):  # fmt: skip
+        """head_rows_vocab: the model's vocabulary size when its head's gradient reaches the batch's
+        rows only (BertConfig.head_gradient "batch"): the objective then gives it every rank's rows."""
         self.loader, self.fused_loss, self.masker = loader, fused_loss, masker
         self.val_data = masker.batches(val_windows)
-        self.head_rows_of = head_rows_of
+        self.head_rows_vocab = head_rows_vocab
 
     def next_batch(self) -> Batch:
         start = self.loader.samples_seen + self.loader.rank * self.loader.batch_size  # this rank's first row
@@ -58,7 +61,8 @@ class MaskedLM(LoaderObjective):
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         inputs, targets = batch
-        rows = None if self.head_rows_of is None else tokens_in_batch(inputs, targets, self.head_rows_of)
+        vocab = self.head_rows_vocab
+        rows = None if vocab is None else rows_of_every_rank(inputs, targets, vocab)
         if self.fused_loss:
             return model(inputs, targets=targets, head_rows=rows)
         return cross_entropy(model(inputs, head_rows=rows), targets)
@@ -73,13 +77,12 @@ class MaskedLM(LoaderObjective):
         return []  # an encoder does not generate
 
 
-def tokens_in_batch(inputs: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
-    """(vocab_size,) bool: the tokens among the inputs (B, T) and targets (B, T; IGNORE_INDEX where
-    none) of this micro-batch, and under torch.distributed of every rank's (all ranks call this at
-    the same micro-step). No host sync."""
-    rows = torch.zeros(vocab_size, dtype=torch.uint8, device=inputs.device)
-    rows[inputs] = 1
-    rows[torch.where(targets == IGNORE_INDEX, inputs, targets)] = 1  # an ignored target: its input
+def rows_of_every_rank(inputs: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """(vocab_size,) bool: the tokens of this micro-batch's inputs and targets (tokens_in_batch), and
+    under torch.distributed of every rank's at the same micro-step (all ranks call this)."""
+    rows = tokens_in_batch(inputs, targets, vocab_size)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(rows, op=dist.ReduceOp.MAX)
-    return rows.bool()
+        as_bytes = rows.to(torch.uint8)  # gloo and NCCL reduce bytes, not bools
+        dist.all_reduce(as_bytes, op=dist.ReduceOp.MAX)
+        rows = as_bytes.bool()
+    return rows

@@ -190,8 +190,10 @@ def _set_up(cfg: RunConfig, run_dir: Path, resume: Resume, dims: ParallelDims, d
         val_batch = cfg.train.micro_batch_size * (accum_steps if dims.pp > 1 else 1)
         val_data = val_batches(data_dir, val_batch, cfg.data.seq_len, cfg.train.eval_batches)
         if encoder:
-            head_rows_of = model_cfg.vocab_size if getattr(model_cfg, "head_gradient", "all") == "batch" else None
-            objective = MaskedLM(loader, val_data, fused_loss, Masker(tokenizer, cfg.train.seed), head_rows_of)
+            # bert's head_gradient; an encoder family without it has every row's gradient
+            gated = getattr(model_cfg, "head_gradient", "all") == "batch"
+            objective = MaskedLM(loader, val_data, fused_loss, Masker(tokenizer, cfg.train.seed),
+                                 model_cfg.vocab_size if gated else None)  # fmt: skip
         elif cfg.distill.teacher is not None:
             objective = Distillation(loader, val_data, load_teacher(cfg.distill.teacher, device), cfg.distill.alpha,
                                      cfg.distill.temperature, tokenizer.get_vocab_size(), tokenizer,

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lmforge.models.packing import document_positions
 from lmforge.models.pooling import first_token, mean_of_tokens
 from lmforge.models.rope import apply_rope, rope_tables
-from lmforge.ops.cross_entropy import linear_cross_entropy
+from lmforge.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -57,13 +57,13 @@ class BertConfig:
     n_heads: int
     norm_eps: float = 1e-12  # BERT's
     dropout: float = 0.0  # embedding, attention and residual dropout (BERT used 0.1)
-    n_classes: int = 0  # > 0: a classification head on the first token (forward returns (B, n_classes))
+    n_classes: int = 0  # > 0: a classification head, read as `pooling` says (forward returns (B, n_classes))
     positions: str = "learned"  # "learned": BERT's absolute position table; "rotary": RoPE on q and k
     rope_theta: float = 10000.0  # the RoPE base, with positions="rotary"
     pooling: str = "first"  # the classification head reads: "first" token, or the "mean" of the tokens
     # Which rows of the tied head the masked-LM loss's gradient reaches in training: "batch", those of
-    # the tokens in the batch (inputs and targets); "all", every row (the plain softmax). The
-    # objective (lmforge.train.mlm) chooses the rows and passes them to forward as head_rows.
+    # the tokens in the batch (inputs and targets: tokens_in_batch, or forward's head_rows, the
+    # objective's union over data-parallel ranks); "all", every row (the plain softmax).
     head_gradient: str = "batch"
 
     def __post_init__(self) -> None:
@@ -203,6 +203,15 @@ def attention_mask(pad_mask: Tensor | None, doc_ids: Tensor | None) -> Tensor | 
     return mask
 
 
+def tokens_in_batch(idx: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """(vocab_size,) bool: the tokens among the inputs idx (B, T) and targets (B, T; IGNORE_INDEX
+    where none). No host sync."""
+    rows = torch.zeros(vocab_size, dtype=torch.bool, device=idx.device)
+    rows[idx] = True
+    rows[torch.where(targets == IGNORE_INDEX, idx, targets)] = True  # an ignored target: its input
+    return rows
+
+
 class _GradientOnRows(torch.autograd.Function):
     """The identity on a (V, D) weight whose backward keeps only the gradient of the rows in `rows`
     (V,) bool: a view of the weight in forward, no copy."""
@@ -306,10 +315,10 @@ class Bert(nn.Module):
         targets: (B, T) int64, the original token at each masked position and IGNORE_INDEX (-100)
         elsewhere: return the mean cross-entropy over the masked positions (() fp32) instead, without
         materialising the logits. With cfg.n_classes: the class logits (B, n_classes) of each row's
-        first token or mean token (cfg.pooling) instead. head_rows: (vocab_size,) bool: the
-        gradient through the masked-LM head reaches only these rows of the tied weight (the
-        objective's choice, BertConfig.head_gradient). input_pos is accepted for the decoders'
-        signature and must be None.
+        first token or mean token (cfg.pooling) instead. With cfg.head_gradient "batch", the
+        gradient through the masked-LM head reaches only the tied weight's rows of head_rows
+        ((vocab_size,) bool), or without them of the tokens in idx and targets. input_pos is
+        accepted for the decoders' signature and must be None.
         """
         if input_pos is not None:
             raise ValueError("Bert is an encoder: it has no KV cache and takes no input_pos")
@@ -318,11 +327,14 @@ class Bert(nn.Module):
             pooled = first_token(h) if self.cfg.pooling == "first" else mean_of_tokens(h, pad_mask)
             return self.classifier(pooled)  # (B, n_classes)
         weight = self.output.weight  # (vocab_size, dim)
-        if head_rows is not None:
-            weight = _GradientOnRows.apply(weight, head_rows)
+        if self.cfg.head_gradient == "batch" and torch.is_grad_enabled():
+            if head_rows is None and targets is not None:
+                head_rows = tokens_in_batch(idx, targets, weight.shape[0])
+            if head_rows is not None:
+                weight = _GradientOnRows.apply(weight, head_rows)
         if targets is not None:  # only the chosen ~15% of positions reach the output matmul
             return linear_cross_entropy(h, weight, targets, only_counted=True)
-        return self.output(h) if head_rows is None else F.linear(h, weight)  # (B, T, vocab_size)
+        return self.output(h) if weight is self.output.weight else F.linear(h, weight)  # (B, T, vocab_size)
 
     def setup_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                        device: str | torch.device | None = None) -> None:  # fmt: skip

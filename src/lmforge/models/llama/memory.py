@@ -25,7 +25,9 @@ from lmforge.models.spec import SavedBytes
 
 
 def saved_bytes(cfg: LlamaConfig, c: int, p: int, norm_stat_bytes: int, tp: int) -> SavedBytes:
-    assert cfg.ffn_hidden is not None and cfg.n_kv_heads is not None and cfg.head_dim is not None  # __post_init__
+    assert (
+        cfg.ffn_hidden is not None and cfg.n_kv_heads is not None and cfg.head_dim is not None
+    )  # __post_init__
     D, H, F = cfg.dim, cfg.n_heads, cfg.ffn_hidden
     rms = 8 * D + 4  # fp32 input, rsqrt, fp32 normalised input
     weight_copy = 4 * D if p != 4 else 0  # weight.float() of a bf16 weight

@@ -80,9 +80,7 @@ class LlamaConfig:
                 f"LlamaConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
             )
         if self.head_dim % 2 != 0:
-            raise ValueError(
-                f"LlamaConfig.head_dim={self.head_dim} must be even: RoPE rotates pairs"
-            )
+            raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even: RoPE rotates pairs")
         if self.rope_theta <= 0:
             raise ValueError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}")
         if self.norm_eps <= 0:
