@@ -6,7 +6,8 @@ exact GELU, whose backward keeps the same tensors, and non-causal attention, whi
 SDPA output and log-sum-exp). Outside the blocks: the embedding LayerNorm (its input, the sum of
 token and position embeddings in the parameters' dtype, and its statistics), the position ids
 (int64, per position), the final LayerNorm, which the masked-LM output reads directly, and the
-masked-LM loss's bool mask of the positions that have a target (it gathers those rows first).
+masked-LM loss's bool mask of the positions that have a target (it gathers those rows first), and
+once per forward, with `head_gradient: batch`, the bool mask of the head rows the gradient reaches.
 
 With rotary positions (no position table) attention also keeps q and k after RoPE (2cD; v stays a
 view of the qkv output, which stays saved whole) and, once per forward (every block shares them),
@@ -36,7 +37,7 @@ def saved_bytes(cfg: BertConfig, c: int, p: int, norm_stat_bytes: int, tp: int) 
         sharded=4 * c * D + 4 * cfg.n_heads + 8 * c * D + (2 * c * D if rotary else 0),
         block_fixed=c * 12 * D * D // tp if autocast else 0,
         final_norm=ln,
-        final_fixed=0,
+        final_fixed=cfg.vocab_size if cfg.head_gradient == "batch" else 0,  # the head rows' bool mask
         block_positions=2 * (cfg.head_dim // 2) * 4 if rotary else 0,
         first_positions=0 if rotary else 8,  # the learned positions' ids
         first_norm=ln,
