@@ -17,11 +17,13 @@ leaves the previous checkpoint as the newest valid one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import contextvars
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -55,8 +57,19 @@ if TYPE_CHECKING:  # a type alias of torch's, not needed at run time (torch vers
 # ---------------------------------------------------------------------------- tensors via DCP
 
 
-# True while save_checkpoint(alone=True) runs: this process writes by itself, with no collectives.
+# True inside writing_alone(): this process writes by itself, with no collectives.
 _ALONE = contextvars.ContextVar("checkpoint_alone", default=False)
+
+
+@contextlib.contextmanager
+def writing_alone() -> Iterator[None]:
+    """Inside, save_checkpoint writes a whole model as in one process, with no collectives (rank 0's
+    work inside lmforge.train.distributed.on_rank0)."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def _distributed() -> bool:
@@ -177,35 +190,14 @@ def save_checkpoint(
     cfg: RunConfig,
     tokenizer_path: Path,
     keep_last: int,
-    alone: bool = False,
 ) -> Path:
     """Write `run_dir/checkpoints/step_N` atomically and keep the newest `keep_last`.
 
     `parts`: the model, or this rank's pipeline stages (one optimizer each). Every rank calls this,
-    unless `alone`: then this process writes a whole model by itself, as in one process (rank 0's
-    work inside lmforge.train.distributed.on_rank0). A failed write (a full disk, ...) raises
-    CheckpointError on every rank and leaves no partial checkpoint behind: the previous one stays
-    the newest valid checkpoint.
+    unless inside `writing_alone()`. A failed write (a full disk, ...) raises CheckpointError on
+    every rank and leaves no partial checkpoint behind: the previous one stays the newest valid
+    checkpoint.
     """
-    token = _ALONE.set(alone)
-    try:
-        return _save_checkpoint(
-            run_dir, step, parts, optimizers, trainer_state, cfg, tokenizer_path, keep_last
-        )
-    finally:
-        _ALONE.reset(token)
-
-
-def _save_checkpoint(
-    run_dir: Path,
-    step: int,
-    parts: nn.Module | list[nn.Module],
-    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer],
-    trainer_state: dict,
-    cfg: RunConfig,
-    tokenizer_path: Path,
-    keep_last: int,
-) -> Path:
     parts = parts if isinstance(parts, list) else [parts]
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     root = run_dir / "checkpoints"

@@ -28,7 +28,7 @@ from lmforge.rundir import (
     resolve_checkpoint,
     run_model_config,
 )
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.train.checkpoint import save_checkpoint, writing_alone
 from lmforge.train.distributed import on_rank0
 from lmforge.train.optim import build_optimizer
 from lmforge.train.resume import without_classes
@@ -121,5 +121,6 @@ def grow_vocabulary(init_dir: Path, base_dir: Path) -> Path:
     save_tokenizer(tokenizer, base_dir / "tokenizer.json")
     cfg = replace(cfg, data=replace(cfg.data, tokenizer=str((base_dir / "tokenizer.json").resolve())))
     trainer_state = {"loader": {}, "grown_from": str(init_dir), "new_tokens": new_tokens - old_tokens}
-    return save_checkpoint(base_dir, 0, model, build_optimizer(model, cfg.optim, "cpu"), trainer_state, cfg,
-                           base_dir / "tokenizer.json", keep_last=1, alone=True).resolve()  # fmt: skip
+    with writing_alone():
+        return save_checkpoint(base_dir, 0, model, build_optimizer(model, cfg.optim, "cpu"), trainer_state, cfg,
+                               base_dir / "tokenizer.json", keep_last=1).resolve()  # fmt: skip
