@@ -223,6 +223,31 @@ def test_recovery_keeps_the_zeros_and_resumes(base_run, tmp_path, capsys):
     assert "holds the recovery of another pruning" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("method", "distill"),
+    [("2:4", []), ("magnitude", ["--recover-distill"])],
+    ids=["2:4", "magnitude-distilled"],
+)
+def test_recovery_keeps_the_pruned_pattern(base_run, tmp_path, method, distill):
+    """2:4 recovery keeps two zeros in every four weights; a recovery distilled from the unpruned model
+    (the Distillation objective instead of plain cross-entropy) keeps the zeros as the plain one does."""
+    out = tmp_path / "recovered"
+    assert main(["compress", "prune", str(base_run), "--method", method, "--out", str(out),
+                 "--recover-steps", "2", *distill]) == 0  # fmt: skip
+    cfg = load_config(out / "config.yaml")
+    assert cfg.sparsity.keep_zeros and latest_checkpoint(out).name == "step_0000002"
+    assert cfg.distill.teacher == (str(latest_checkpoint(base_run).resolve()) if distill else None)
+    pruned, _ = lmforge.load(out / "base")
+    recovered, _ = lmforge.load(out)
+    for name, linear in block_linears(recovered).items():
+        before = block_linears(pruned)[name].weight
+        assert torch.equal(linear.weight == 0, before == 0)  # the pruned pattern, exactly
+        assert not torch.equal(linear.weight, before)  # and the other weights trained
+    assert zero_fraction(recovered) == 0.5
+    if method == "2:4":  # every group of 4 consecutive weights of a row still holds 2 zeros or more
+        assert all(is_2_4(linear.weight) for linear in block_linears(recovered).values())
+
+
 def test_recovery_config(base_run, tmp_path):
     source = latest_checkpoint(base_run)
     base = Path(prune_checkpoint(source, "heads-channels", tmp_path / "b", 0.5, calibration=1)["checkpoint"])

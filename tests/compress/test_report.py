@@ -1,4 +1,5 @@
-"""`lmforge compress report`: the table, the JSON figures and the Pareto plot of a baseline and its variants."""
+"""`lmforge compress report`: the table, the JSON figures and the Pareto plot of a baseline and its
+variants (distilled, quantized, pruned)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from lmforge.api import load
 from lmforge.cli import main
+from lmforge.compress.prune import block_linears
 from lmforge.compress.report import _pareto
 from lmforge.data.loader import val_batches
 from lmforge.evaluate.perplexity import evaluate_loss
@@ -78,6 +80,47 @@ def test_the_report_writes_a_table_figures_and_a_plot(runs, tmp_path, capsys, pr
     assert "| 1.000 |" in base_row and "+0.00%" in base_row  # the baseline's ratios to itself
     assert (tmp_path / "report" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "report.md" in capsys.readouterr().out
+
+
+def test_quantized_and_pruned_variants_have_their_labels_sizes_and_nonzero_parameters(runs, tmp_path):
+    base, _ = runs
+    variants = {
+        "int8": ["quantize", str(base), "--scheme", "int8-weight"],
+        "magnitude": ["prune", str(base), "--method", "magnitude", "--sparsity", "0.5"],
+        "heads-channels": ["prune", str(base), "--method", "heads-channels", "--sparsity", "0.5",
+                           "--calibration-batches", "1"],
+    }  # fmt: skip
+    for name, argv in variants.items():
+        assert main(["compress", *argv, "--out", str(tmp_path / name)]) == 0
+    report = ["compress", "report", str(base), *(str(tmp_path / name) for name in variants),
+              "--out", str(tmp_path / "report"), "--rounds", "1", "--new-tokens", "4"]  # fmt: skip
+    assert main(report) == 0
+    figures = json.loads((tmp_path / "report" / "report.json").read_text())
+    rows = {v["name"]: v for v in figures["variants"]}
+    assert {name: row["method"] for name, row in rows.items()} == {
+        "base": "baseline",
+        "int8": "quantize int8-weight",
+        "magnitude": "prune magnitude 0.5",
+        "heads-channels": "prune heads-channels 0.5",
+    }
+    whole, int8, magnitude, heads_channels = rows.values()
+    # int8: the same parameters in under a third of the bytes (its integers are not counted as nonzero).
+    assert int8["params"] == whole["params"] and int8["nonzero_params"] is None
+    assert int8["bytes"] < 0.3 * whole["bytes"]
+    # magnitude: the same matrices on disk, half of the blocks' linear weights zero.
+    pruned = sum(linear.weight.numel() for linear in block_linears(load(base)[0]).values()) // 2
+    assert magnitude["params"] == whole["params"] and magnitude["bytes"] == whole["bytes"]
+    assert magnitude["nonzero_params"] == whole["nonzero_params"] - pruned
+    # heads-channels: smaller matrices.
+    assert heads_channels["params"] < whole["params"] and heads_channels["bytes"] < whole["bytes"]
+    table = (tmp_path / "report" / "report.md").read_text()
+    lines = {
+        line.split(" | ")[0].removeprefix("| "): line for line in table.splitlines() if line.startswith("| ")
+    }
+    params = f"{whole['params'] / 1e6:.2f}M ({magnitude['nonzero_params'] / 1e6:.2f}M nonzero)"
+    assert lines["magnitude"].startswith(f"| magnitude | prune magnitude 0.5 | {params} |")
+    assert lines["int8"].startswith("| int8 | quantize int8-weight |")
+    assert all("nonzero" not in lines[name] for name in ("base", "int8", "heads-channels"))
 
 
 def test_variants_with_another_tokenizer_are_refused(runs, tmp_path, capsys):

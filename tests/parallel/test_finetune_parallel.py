@@ -1,6 +1,6 @@
 """Fine-tuning under DDP and FSDP2 on 2 gloo processes (torchrun, as a user launches it): the same
 losses as one process on the same global batch, and frozen weights unchanged bit for bit; SFT that
-first grows the vocabulary; masked-LM pretraining."""
+first grows the vocabulary; masked-LM pretraining; distillation from a teacher of another family."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 # The launch helpers of the pretraining layouts' tests (the same torchrun command line).
 from test_data_parallel import assert_close, common_args, launch, losses
 
-from lmforge.rundir import checkpoint_weights, latest_checkpoint
+from lmforge.rundir import checkpoint_weights, latest_checkpoint, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +110,24 @@ def test_sft_that_grows_the_vocabulary_under_fsdp_matches_one_process(prepared_d
         assert (out / "base" / "tokenizer.json").is_file()  # the grown base
         runs[nproc] = out
     assert_close(losses(runs[2]), losses(runs[1]))
+
+
+def test_distillation_under_fsdp_matches_one_process(prepared_dir, base, tmp_path):
+    """`lmforge compress distill` of a gpt2 student from the llama base: each rank holds a whole
+    teacher and distills on its half of the global batch; the losses and the student's weights are
+    those of one process."""
+    teacher_files = {p: sha256_file(p) for p in sorted(latest_checkpoint(base).rglob("*.safetensors"))}
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"run{nproc}"
+        args = common_args(prepared_dir, out, nproc, "--model.family=gpt2", "--train.max_steps=4")
+        result = launch(nproc, ["compress", "distill", "--teacher", str(base), *args[1:]], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[nproc] = out
+    assert sorted(losses(runs[2])) == [1, 2, 3, 4]
+    assert_close(losses(runs[2]), losses(runs[1]))
+    one, two = (checkpoint_weights(latest_checkpoint(runs[n])) for n in (1, 2))
+    assert one.keys() == two.keys() and "wte.weight" in one
+    for name, tensor in one.items():
+        assert (two[name] - tensor).abs().max() < 1e-4, name
+    assert {p: sha256_file(p) for p in teacher_files} == teacher_files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lmforge.train.distill import distillation_loss
 from lmforge.train.pretrain import pretrain
 
 QUIET = {"progress": False, "tensorboard": False, "plot": False}
+RECIPE = Path(__file__).parents[2] / "recipes" / "debug.yaml"
 
 
 def test_the_kl_term_is_zero_when_student_equals_teacher():
@@ -78,6 +80,38 @@ def test_the_teacher_changes_what_the_student_learns(base_run, debug_config, tmp
         dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=None)), tmp_path / "plain"
     )
     assert distilled["val_loss"] != plain["val_loss"]
+
+
+def test_a_student_of_another_family_trains_from_the_teacher(base_run, prepared_dir, tmp_path, capsys):
+    """A gpt2 student (tied embedding, learned positions, LayerNorm) distilled from the llama teacher
+    through the CLI, on the same tokenizer."""
+    teacher_files = {p: sha256_file(p) for p in sorted(latest_checkpoint(base_run).rglob("*.safetensors"))}
+    student = ["--config", str(RECIPE), "--model.family=gpt2", f"--data.dir={prepared_dir}",
+               "--train.eval_batches=2", "--train.sample_tokens=0",
+               "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false"]  # fmt: skip
+    out = tmp_path / "distilled"
+    assert main(["compress", "distill", "--teacher", str(base_run), "--out", str(out), *student,
+                 "--train.max_steps=3", "--train.eval_every=3"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert math.isfinite(result["val_loss"]) and latest_checkpoint(out).name == "step_0000003"
+    cfg = load_config(out / "config.yaml")
+    assert cfg.model.family == "gpt2" and cfg.distill.teacher == str(latest_checkpoint(base_run).resolve())
+    assert load_config(Path(cfg.distill.teacher) / "config.yaml").model.family == "llama"
+    weights = load_file(next((latest_checkpoint(out) / "model").glob("*.safetensors")))
+    assert "wte.weight" in weights and not any(k.startswith("tok_embeddings.") for k in weights)
+    assert {p: sha256_file(p) for p in teacher_files} == teacher_files
+    # The teacher is in the loss: the first step's (the same weights and batch) is not the plain one's
+    # (the same up to the fused cross-entropy's rounding when alpha is 0).
+    assert main(["pretrain", "--out", str(tmp_path / "plain"), *student, "--train.max_steps=1",
+                 "--train.eval_every=0"]) == 0  # fmt: skip
+    assert not math.isclose(_losses(tmp_path / "plain")[1], losses[1], rel_tol=1e-3)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def test_the_cli_refuses_a_teacher_with_another_tokenizer(base_run, tmp_path, capsys):

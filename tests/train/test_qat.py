@@ -1,18 +1,23 @@
 """Quantization-aware training (lmforge.train.qat): the fake quantizer is on in the forward, the
-checkpoint is a plain model's, and converting it is quantizing its weights with the same numbers."""
+checkpoint is a plain model's, and converting it is quantizing its weights with the same numbers;
+the converted artifact of a `lmforge finetune --qat.scheme` run reloads in a fresh process."""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.api import load
 from lmforge.cli import main
-from lmforge.compress.quantize import linear_config, quantize_model
+from lmforge.compress.quantize import linear_config, quantize_checkpoint, quantize_model
 from lmforge.config import LoraConfig, QatConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.models import build_model, model_config
@@ -21,10 +26,24 @@ from lmforge.train.pretrain import pretrain
 from lmforge.train.qat import apply_qat, check_qat
 
 SCHEMES = ["int4-weight", "int8-dynamic"]
+RECIPE = Path(__file__).parents[2] / "recipes" / "debug.yaml"
+
+# A fresh process loads each artifact and writes its logits of ids() beside it (OUT.logits.safetensors).
+RELOAD = """
+import sys
+import torch
+from safetensors.torch import save_file
+import lmforge
+ids = torch.arange(32).reshape(2, 16) * 11 % 512
+for out in sys.argv[1:]:
+    model, _ = lmforge.load(out)
+    with torch.no_grad():
+        save_file({"logits": model(ids)}, out + ".logits.safetensors")
+"""
 
 
 def ids() -> torch.Tensor:
-    return torch.arange(32).reshape(2, 16) * 11 % 512  # (2, 16)
+    return torch.arange(32).reshape(2, 16) * 11 % 512  # (2, 16), as RELOAD
 
 
 def in_blocks(module: nn.Module, fqn: str) -> bool:
@@ -67,14 +86,19 @@ def test_torchao_convert_is_quantizing_the_weights():
 
 
 @pytest.fixture(scope="module")
-def qat_run(tmp_path_factory, session_debug_config) -> Path:
-    out = tmp_path_factory.mktemp("qat") / "run"
+def qat_run(tmp_path_factory, session_debug_config, prepared_dir) -> Path:
+    """A debug llama pretrained 2 steps, then fine-tuned 2 steps with QAT by the issue's command:
+    `lmforge finetune --config FILE --out DIR --init RUN --qat.scheme=int4-weight`."""
+    root = tmp_path_factory.mktemp("qat")
     quiet = {"progress": False, "tensorboard": False, "plot": False}
-    train = {"max_steps": 4, "eval_every": 0, "sample_tokens": 0}
-    pretrain(
-        session_debug_config(train=train, logging=quiet, qat={"scheme": "int4-weight", "group_size": 16}), out
-    )
-    return out
+    train = {"max_steps": 2, "eval_every": 0, "sample_tokens": 0}
+    pretrain(session_debug_config(train=train, logging=quiet), root / "base")
+    finetune = ["finetune", "--config", str(RECIPE), "--out", str(root / "run"), "--init", str(root / "base"),
+                "--qat.scheme=int4-weight", "--qat.group_size=16", f"--data.dir={prepared_dir}",
+                "--train.max_steps=2", "--train.eval_every=0", "--train.sample_tokens=0",
+                "--logging.progress=false", "--logging.tensorboard=false", "--logging.plot=false"]  # fmt: skip
+    assert main(finetune) == 0
+    return root / "run"
 
 
 def test_a_qat_run_saves_a_plain_model_and_quantizes_with_its_group_size(qat_run, tmp_path):
@@ -93,6 +117,23 @@ def test_a_qat_run_saves_a_plain_model_and_quantizes_with_its_group_size(qat_run
     prepared.tok_embeddings, prepared.output = quantized.tok_embeddings, quantized.output
     with torch.no_grad():
         torch.testing.assert_close(quantized(ids()), prepared(ids()), rtol=0, atol=1e-5)
+
+
+def test_the_converted_run_reloads_in_a_fresh_process_with_the_same_logits(qat_run, tmp_path):
+    out = tmp_path / "int4"
+    assert main(["compress", "quantize", str(qat_run), "--scheme", "int4-weight", "--out", str(out)]) == 0
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    in_memory, cfg = quantize_checkpoint(latest_checkpoint(qat_run), "int4-weight")
+    assert cfg.train.init == str(latest_checkpoint(qat_run.parent / "base").resolve())  # a fine-tune
+    assert (cfg.qat.scheme, cfg.compress.group_size) == ("int4-weight", 16)  # with QAT, converted
+    with torch.no_grad():
+        expected = in_memory(ids())
+        trained = load(qat_run)[0](ids())
+    reloaded = load_file(f"{out}.logits.safetensors")["logits"]
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-6)
+    assert (expected - trained).abs().max() > 1e-3  # quantized, not the trained fp32 weights
 
 
 @pytest.mark.parametrize(
