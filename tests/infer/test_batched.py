@@ -178,13 +178,14 @@ def test_the_decode_step_traces_as_one_graph_and_compiled_rows_equal_eager(
     assert len(traced) == 2  # one graph per shape: 3 rows, then 1 (both caches: 11 + 12 slots, made 32)
 
 
-@pytest.mark.parametrize("n_rep", [1, 2])
+@pytest.mark.parametrize("n_rep", [1, 2, 12])
 @pytest.mark.parametrize("batched_positions", [False, True])
 def test_compiled_cache_attention_is_sdpa(batched_positions, n_rep):
     """Inside a compiled step on a CPU the attention over the cache is written out (scores, masked
     softmax, weighted sum: lmforge.models.kv_cache.attend_cache); it gives PyTorch's attention,
     for one position for every row and for each row's own (a (B, 1, Tq, S) mask), and with the
-    query heads of a key/value head laid out as n_rep rows (grouped-query attention)."""
+    query heads of a key/value head laid out as n_rep rows (grouped-query attention): written as
+    products and sums for a decode step's few query rows, as matmuls for more (12)."""
     from lmforge.models.kv_cache import KVCache, attend_cache
 
     torch.manual_seed(0)

@@ -32,8 +32,9 @@ from torch import Tensor
 
 from lmforge.infer.sampling import SamplingParams, check_sampling_args, penalize_repeats, sample
 from lmforge.infer.stop import TextStream
-from lmforge.models import FamilyModel
+from lmforge.models import FamilyModel, spec_of
 from lmforge.models.kv_cache import kv_caches, writing_row
+from lmforge.models.stacking import stacked_weights
 from lmforge.runtime import autocast
 
 __all__ = [
@@ -120,7 +121,8 @@ class DecodeBatch:
     """A KV cache of `batch_size` rows of `max_seq_len` slots on `model`, and each row's length.
 
     Use as a context manager: it sets the cache up and the model to eval mode on entry, and drops the
-    cache and restores the model's mode on exit. dtype: the autocast compute dtype of the forward
+    cache and restores the model's mode on exit. In between, the family's stacked modules read their
+    projections as one matrix (lmforge.models.stacking): same parameters, fewer matmuls. dtype: the autocast compute dtype of the forward
     passes (the run's: lmforge.rundir.run_precision); under bf16/fp16 the cache holds that dtype,
     so nothing is cast at each step.
     """
@@ -148,12 +150,14 @@ class DecodeBatch:
         self._whole_graph = compile and fullgraph  # see _guards
         self._was_training = model.training
         self._guards_checked = False  # a compiled step of this batch ran with its guards (see _guards)
+        self._stacked = contextlib.ExitStack()
 
     def __enter__(self) -> DecodeBatch:
         self.model.eval()
         self._guards_checked = False
         cache_dtype = None if self.dtype == torch.float32 else self.dtype
         self.model.setup_kv_cache(self.batch_size, self.max_seq_len, dtype=cache_dtype, device=self.device)
+        self._stacked.enter_context(stacked_weights(self.model, spec_of(self.model).stacked_modules))
         if self._decode is not decode_one_token:
             for cache in kv_caches(self.model):
                 # Buffers updated in place at fixed addresses: compiled code (and CUDA graphs) may
@@ -163,6 +167,7 @@ class DecodeBatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stacked.close()
         self.model.clear_kv_cache()
         self.model.train(self._was_training)
 

@@ -117,12 +117,19 @@ def attend_cache(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     it is written out (scores, masked softmax, weighted sum), which inductor fuses into a few loops
     beside the surrounding ops, in place of PyTorch's CPU flash-attention kernel (measured, tiny
     llama, batch 1, 2 threads, compiled decoding: 866 -> 935 tokens/s, a script not kept;
-    benchmarks/RESULTS.md has the combined figure). Every query sees at least its own slot, so no
+    benchmarks/RESULTS.md has the combined figure); for a decode step's few queries, without
+    matmul calls (708 -> 737, alternated, a script not kept). Every query sees at least its own slot, so no
     row of the softmax is all masked."""
     if q.device.type == "cpu" and torch.compiler.is_compiling():
         assert mask.dtype == torch.bool, "attend_cache takes a boolean mask (KVCache.causal_mask)"
-        scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, S)
-        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+        if q.size(-2) > 8:
+            scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, S)
+            return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+        # A decode step's few queries: products and sums that inductor fuses with the softmax, in
+        # place of two batched matmul calls per layer that cost more to call than to compute.
+        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.size(-1) ** -0.5  # (B, H, Tq, S)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, H, Tq, S)
+        return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)  # (B, H, Tq, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

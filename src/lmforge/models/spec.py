@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from lmforge.models.stacking import Stacked
+
 # What tensor parallelism (Megatron-LM, see lmforge.parallel.tensor) does with a module:
 #   embedding            vocab rows split; the output goes into the residual stream's layout
 #   position_embedding   positions split; its (T, dim) output lines up with the token embeddings'
@@ -160,6 +162,8 @@ class FamilySpec:
     saved_bytes: Callable[[Any, int, int, int, int], SavedBytes]
     # module class -> a class with the same parameters and a fused forward (train.fused_projections)
     fused_modules: Mapping[type[nn.Module], type[nn.Module]] = field(default_factory=dict)
+    # module class -> the class and linear layers whose weights decoding stacks (lmforge.models.stacking)
+    stacked_modules: Mapping[type[nn.Module], Stacked] = field(default_factory=dict)
     hf: HuggingFaceMap | None = None  # the Hugging Face transformers round trip (lmforge.hf)
     # LoRA's target groups (lora.targets: attention, mlp) -> block-relative linear layer names
     lora_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

@@ -22,4 +22,5 @@ SPEC = FamilySpec(
     hf=hf.HF,
     lora_groups=parallelize.LORA_GROUPS,
     fused_modules=fused.FUSED,
+    stacked_modules=fused.STACKED,
 )
