@@ -3,6 +3,7 @@ and nothing left behind."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmforge.adapt.lora import apply_lora
@@ -60,3 +61,54 @@ def test_layers_that_are_not_plain_linears_are_left_as_they_are():
         assert count == model.cfg.n_layers  # the feed-forwards only
         assert type(model.layers["0"].attention) is Attention
         assert type(model.layers["0"].feed_forward) is StackedGateUpFeedForward
+
+
+def test_a_compiled_decode_batch_stacks_and_gives_back_even_after_an_error():
+    """DecodeBatch stacks for compiled decoding of a model that was not training, and unstacks on
+    exit, an exception included; eager decoding and a training model's samples are left alone."""
+    from lmforge.infer.generate import DecodeBatch
+
+    model = llama()
+    attention = model.layers["0"].attention
+    with DecodeBatch(model, 1, 16, compile=True):
+        assert type(attention) is StackedQKVAttention
+    assert type(attention) is Attention
+    with pytest.raises(RuntimeError, match="inside"), DecodeBatch(model, 1, 16, compile=True):
+        raise RuntimeError("inside")
+    assert type(attention) is Attention and not hasattr(attention, "stacked")
+    with DecodeBatch(model, 1, 16):
+        assert type(attention) is Attention  # eager: the copies would not pay
+    model.train()
+    with DecodeBatch(model, 1, 16, compile=True):
+        assert type(attention) is Attention  # a training model's samples
+    assert model.training
+
+
+def test_stacking_under_inference_mode_leaves_trainable_parameters():
+    model = llama().train()
+    with torch.inference_mode(), stacked_weights(model, spec_of(model).stacked_modules) as count:
+        assert count == 2 * model.cfg.n_layers
+        model.eval()(torch.zeros(1, 4, dtype=torch.long))
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()  # inference tensors would refuse
+    assert model.layers["0"].attention.wq.weight.grad is not None
+    assert not any(p.is_inference() for p in model.parameters())
+
+
+def test_a_sharded_model_is_left_whole():
+    """A DTensor weight anywhere (FSDP2 keeps its last block gathered as plain tensors between
+    forwards, and fills them in place) leaves every module unstacked."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = llama()
+        mesh = init_device_mesh("cpu", (1,))
+        output = model.output
+        output.weight = torch.nn.Parameter(DTensor.from_local(output.weight.detach(), mesh, [Replicate()]))
+        with stacked_weights(model, spec_of(model).stacked_modules) as count:
+            assert count == 0
+            assert type(model.layers["0"].attention) is Attention
+    finally:
+        dist.destroy_process_group()

@@ -121,8 +121,10 @@ class DecodeBatch:
     """A KV cache of `batch_size` rows of `max_seq_len` slots on `model`, and each row's length.
 
     Use as a context manager: it sets the cache up and the model to eval mode on entry, and drops the
-    cache and restores the model's mode on exit. In between, the family's stacked modules read their
-    projections as one matrix (lmforge.models.stacking): same parameters, fewer matmuls. dtype: the autocast compute dtype of the forward
+    cache and restores the model's mode on exit. With `compile`, on a model that was not training, the
+    family's stacked modules read their projections as one matrix in between (lmforge.models.stacking:
+    same parameters, fewer matmuls; the stacking and its undoing copy those weights twice, which a
+    compiled decode of more than a few tokens repays). dtype: the autocast compute dtype of the forward
     passes (the run's: lmforge.rundir.run_precision); under bf16/fp16 the cache holds that dtype,
     so nothing is cast at each step.
     """
@@ -157,8 +159,14 @@ class DecodeBatch:
         self._guards_checked = False
         cache_dtype = None if self.dtype == torch.float32 else self.dtype
         self.model.setup_kv_cache(self.batch_size, self.max_seq_len, dtype=cache_dtype, device=self.device)
-        self._stacked.enter_context(stacked_weights(self.model, spec_of(self.model).stacked_modules))
         if self._decode is not decode_one_token:
+            if not self._was_training:  # training's samples: FSDP2 or CUDA graphs may hold the weights
+                try:
+                    spec = spec_of(getattr(self.model, "_orig_mod", self.model))  # a compiled model too
+                    self._stacked.enter_context(stacked_weights(self.model, spec.stacked_modules))
+                except BaseException:
+                    self.__exit__()
+                    raise
             for cache in kv_caches(self.model):
                 # Buffers updated in place at fixed addresses: compiled code (and CUDA graphs) may
                 # bake the addresses in instead of treating them as new inputs each step.

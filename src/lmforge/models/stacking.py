@@ -1,13 +1,16 @@
 """Stacked projection weights for decoding: a family's modules that hold several linear layers on
-one input (Llama's q, k and v; its SwiGLU gate and up) read them as one matrix while a KV cache is
-set up (lmforge.infer.generate.DecodeBatch), so a decode step makes one matrix-vector product where
-it made three or two.
+one input (Llama's q, k and v; its SwiGLU gate and up) read them as one matrix while a compiled
+decode batch runs (lmforge.infer.generate.DecodeBatch), so a decode step makes one matrix-vector
+product where it made three or two.
 
 The parameters keep their names and their objects (optimizer state, checkpoints and exports are
 unchanged): their data become views of the stacked matrix's rows, which takes the place of the
 separate matrices in memory, so nothing is held twice. Leaving the block gives each parameter its own
 storage again. Only plain layers are stacked: a LoRA, quantized, float8, sharded (DTensor) or
-biased layer leaves its module as it is.
+biased layer leaves its module as it is, and a model FSDP2 shards is left whole (its last block's
+weights are gathered plain tensors between forwards, which FSDP2 fills in place). A model copied
+(deepcopy) inside the block keeps the stacked classes, with its own copies of the weights: copy
+it outside.
 
 Measured (llama tiny, batch 1, 2 threads, compiled decoding, alternated in one process): 43
 matrix-vector products a step become 25; with the cache attention written out for small query
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -43,32 +48,48 @@ def _stackable(linears: list[nn.Linear]) -> bool:
     )
 
 
+def _sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in model.parameters()) or any(
+        isinstance(m, FSDPModule) for m in model.modules()
+    )
+
+
 @contextlib.contextmanager
 def stacked_weights(model: nn.Module, stacked_modules: Mapping[type[nn.Module], Stacked]) -> Iterator[int]:
     """Within the block, every module of `model` listed in `stacked_modules` (FamilySpec.stacked_modules)
     whose layers are plain reads their weights as one stacked matrix; yields how many were stacked."""
     swapped: list[tuple[nn.Module, type[nn.Module], list[nn.Linear]]] = []
     try:
-        for module in model.modules():
-            entry = stacked_modules.get(type(module))
-            linears: list[nn.Linear] = [getattr(module, name) for name in entry.linears] if entry else []
-            if entry is None or not _stackable(linears):
-                continue
-            with torch.no_grad():
+        with _ordinary_tensors():
+            for module in [] if _sharded(model) else model.modules():
+                entry = stacked_modules.get(type(module))
+                linears: list[nn.Linear] = [getattr(module, name) for name in entry.linears] if entry else []
+                if entry is None or not _stackable(linears):
+                    continue
                 stacked = torch.cat([linear.weight for linear in linears])  # (sum of outs, in)
                 rows = 0
                 for linear in linears:
                     n = linear.weight.size(0)
                     linear.weight.data = stacked[rows : rows + n]  # the old storage is freed here
                     rows += n
-            swapped.append((module, type(module), linears))
-            module.stacked = stacked  # a plain attribute: not a parameter, not in the state dict
-            module.__class__ = entry.module
+                module.stacked = stacked  # a plain attribute: not a parameter, not in the state dict
+                original, module.__class__ = type(module), entry.module
+                swapped.append((module, original, linears))
         yield len(swapped)
     finally:
-        for module, original, linears in reversed(swapped):
-            module.__class__ = original
-            del module.stacked
-            with torch.no_grad():
+        for module, original, _ in swapped:  # every class back first: a copy that fails leaves
+            module.__class__ = original  # no module reading a stacked matrix
+            module.__dict__.pop("stacked", None)
+        with _ordinary_tensors():
+            for _, _, linears in swapped:
                 for linear in linears:
                     linear.weight.data = linear.weight.data.clone()  # its own storage again
+
+
+def _ordinary_tensors() -> contextlib.ExitStack:
+    """No autograd, and ordinary tensors even under the caller's inference mode: the parameters must
+    stay trainable after the block."""
+    modes = contextlib.ExitStack()
+    modes.enter_context(torch.inference_mode(False))
+    modes.enter_context(torch.no_grad())
+    return modes

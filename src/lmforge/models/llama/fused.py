@@ -4,7 +4,7 @@ place, in two forms:
 
 - for training (`train.fused_projections`, lmforge.train.fused_projections): the weights are
   concatenated at each call (lmforge.ops.stacked_linear);
-- for decoding (lmforge.models.stacking, on while a KV cache is set up): the weights are first made
+- for compiled decoding (lmforge.models.stacking): the weights are first made
   views of one stacked matrix, which the forward reads as it is.
 """
 
