@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 # Tests compare losses across runs with ==; pin the thread count so every run does the same sums.
 torch.set_num_threads(1)
@@ -70,6 +73,34 @@ def make_debug_config(prepared_dir: Path, **sections):
 # whole module at a time (so a module's fixtures are built once), in collection order. The real
 # quickstart is by far the longest test (minutes): first in the order, it starts at once on one
 # worker while the other runs the rest of the suite beside it, instead of at the end.
+# A fresh Python process: lmforge.load each run directory, its logits of the ids beside it.
+_RELOAD = """
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+import lmforge
+ids = load_file(sys.argv[1])["ids"]
+for out in sys.argv[2:]:
+    model, _ = lmforge.load(out)
+    with torch.no_grad():
+        save_file({"logits": model(ids)}, out + ".logits.safetensors")
+"""
+
+
+@pytest.fixture(scope="session")
+def logits_in_a_fresh_process(tmp_path_factory):
+    """f(runs, ids) -> the logits of ids of each run directory, as one new Python process loads them
+    (lmforge.load): what a saved artifact gives after the process that wrote it is gone."""
+
+    def logits(runs: list[Path], ids: torch.Tensor) -> list[torch.Tensor]:
+        ids_file = tmp_path_factory.mktemp("ids") / "ids.safetensors"
+        save_file({"ids": ids.contiguous()}, ids_file)
+        subprocess.run([sys.executable, "-c", _RELOAD, str(ids_file), *map(str, runs)], check=True)
+        return [load_file(f"{run}.logits.safetensors")["logits"] for run in runs]
+
+    return logits
+
+
 FIRST = ("tests/cli/test_quickstart.py",)
 
 

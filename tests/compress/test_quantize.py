@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,18 +46,6 @@ CPU_SCHEMES = ["int8-weight", "int8-dynamic", "int4-weight"]
 MAX_ERROR = {"int8-weight": 0.02, "int8-dynamic": 0.03, "int4-weight": 0.15}
 MAX_BYTES = {"int8-weight": 0.3, "int8-dynamic": 0.3, "int4-weight": 0.18}
 
-RELOAD = """
-import sys
-import torch
-from safetensors.torch import save_file
-import lmforge
-ids = torch.arange(24).reshape(2, 12) * 7 % 500
-for out in sys.argv[1:]:
-    model, _ = lmforge.load(out)
-    with torch.no_grad():
-        save_file({"logits": model(ids)}, out + ".logits.safetensors")
-"""
-
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, session_debug_config) -> Path:
@@ -73,9 +58,9 @@ def base_run(tmp_path_factory, session_debug_config) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(base_run, tmp_path_factory) -> dict[str, Path]:
-    """Each CPU scheme's artifact, written by `lmforge compress quantize`, and each reloaded in one
-    fresh process that writes its logits beside it (OUT.logits.safetensors)."""
+def artifacts(base_run, tmp_path_factory, logits_in_a_fresh_process) -> dict[str, Path]:
+    """Each CPU scheme's artifact, written by `lmforge compress quantize`, and its logits of ids() as
+    one fresh process reloads them all (OUT.logits.safetensors)."""
     root = tmp_path_factory.mktemp("quantized")
     outs = {}
     for scheme in CPU_SCHEMES:
@@ -83,16 +68,12 @@ def artifacts(base_run, tmp_path_factory) -> dict[str, Path]:
         assert (
             main(["compress", "quantize", str(base_run), "--scheme", scheme, "--out", str(outs[scheme])]) == 0
         )
-    subprocess.run(
-        [sys.executable, "-c", RELOAD, *map(str, outs.values())],
-        check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    logits_in_a_fresh_process(list(outs.values()), ids())
     return outs
 
 
 def ids() -> torch.Tensor:
-    return torch.arange(24).reshape(2, 12) * 7 % 500  # (2, 12), as RELOAD
+    return torch.arange(24).reshape(2, 12) * 7 % 500  # (2, 12)
 
 
 def weight_bytes(run: Path) -> int:

@@ -5,14 +5,10 @@ the converted artifact of a `lmforge finetune --qat.scheme` run reloads in a fre
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.api import load
@@ -28,22 +24,9 @@ from lmforge.train.qat import apply_qat, check_qat
 SCHEMES = ["int4-weight", "int8-dynamic"]
 RECIPE = Path(__file__).parents[2] / "recipes" / "debug.yaml"
 
-# A fresh process loads each artifact and writes its logits of ids() beside it (OUT.logits.safetensors).
-RELOAD = """
-import sys
-import torch
-from safetensors.torch import save_file
-import lmforge
-ids = torch.arange(32).reshape(2, 16) * 11 % 512
-for out in sys.argv[1:]:
-    model, _ = lmforge.load(out)
-    with torch.no_grad():
-        save_file({"logits": model(ids)}, out + ".logits.safetensors")
-"""
-
 
 def ids() -> torch.Tensor:
-    return torch.arange(32).reshape(2, 16) * 11 % 512  # (2, 16), as RELOAD
+    return torch.arange(32).reshape(2, 16) * 11 % 512  # (2, 16)
 
 
 def in_blocks(module: nn.Module, fqn: str) -> bool:
@@ -119,19 +102,18 @@ def test_a_qat_run_saves_a_plain_model_and_quantizes_with_its_group_size(qat_run
         torch.testing.assert_close(quantized(ids()), prepared(ids()), rtol=0, atol=1e-5)
 
 
-def test_the_converted_run_reloads_in_a_fresh_process_with_the_same_logits(qat_run, tmp_path):
+def test_the_converted_run_reloads_in_a_fresh_process_with_the_same_logits(
+    qat_run, tmp_path, logits_in_a_fresh_process
+):
     out = tmp_path / "int4"
     assert main(["compress", "quantize", str(qat_run), "--scheme", "int4-weight", "--out", str(out)]) == 0
-    subprocess.run(
-        [sys.executable, "-c", RELOAD, str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    [reloaded] = logits_in_a_fresh_process([out], ids())
     in_memory, cfg = quantize_checkpoint(latest_checkpoint(qat_run), "int4-weight")
     assert cfg.train.init == str(latest_checkpoint(qat_run.parent / "base").resolve())  # a fine-tune
     assert (cfg.qat.scheme, cfg.compress.group_size) == ("int4-weight", 16)  # with QAT, converted
     with torch.no_grad():
         expected = in_memory(ids())
         trained = load(qat_run)[0](ids())
-    reloaded = load_file(f"{out}.logits.safetensors")["logits"]
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-6)
     assert (expected - trained).abs().max() > 1e-3  # quantized, not the trained fp32 weights
 
