@@ -167,6 +167,7 @@ def test_the_decode_step_traces_as_one_graph_and_compiled_rows_equal_eager(
         return torch.compile(generate_module.decode_one_token, backend=count, fullgraph=True, dynamic=False)
 
     monkeypatch.setattr(generate_module, "compiled_decode_one_token", eager_backend)
+    monkeypatch.setattr(generate_module, "ahead_of_time_step", lambda device_type: None)  # dynamo's call
     model = sharp_model("llama")
     prompts = random_prompts([3, 11, 6], seed=5)
     params = SamplingParams(max_new_tokens=12, temperature=0)
@@ -176,6 +177,36 @@ def test_the_decode_step_traces_as_one_graph_and_compiled_rows_equal_eager(
         == generate_batch(model, prompts[1:2], params)[0]
     )
     assert len(traced) == 2  # one graph per shape: 3 rows, then 1 (both caches: 11 + 12 slots, made 32)
+
+
+def test_ahead_of_time_steps_give_the_eager_tokens_one_per_set_of_guards(sharp_model, random_prompts,
+                                                                        monkeypatch):  # fmt: skip
+    """The compiled step as dynamo's ahead-of-time functions (AheadOfTimeStep; dynamo's eager backend,
+    as above): the eager tokens; one function per shape, picked again by its guards for a later batch
+    of that shape; a torch without `aot_compile` decodes through the compiled function instead."""
+    import lmforge.infer.generate as generate_module
+    from lmforge.infer.generate import AheadOfTimeStep, decode_one_token
+
+    compiled = torch.compile(decode_one_token, backend="eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(
+        generate_module, "compiled_decode_one_token", lambda device_type, fullgraph=True: compiled
+    )
+    step = AheadOfTimeStep(compiled)
+    monkeypatch.setattr(generate_module, "ahead_of_time_step", lambda device_type: step)
+    model = sharp_model("llama")
+    prompts = random_prompts([3, 11, 6], seed=5)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    eager = generate_batch(model, prompts, params)
+    assert generate_batch(model, prompts, params, compile=True) == eager
+    assert len(step.functions) == 1
+    assert list(generate(model, prompts[1], 12, temperature=0, compile=True)) == eager[1]
+    assert len(step.functions) == 2  # batch 1: other guards
+    assert generate_batch(model, prompts, params, compile=True) == eager
+    assert len(step.functions) == 2  # batch 3 again: its function passes the guards
+    without = AheadOfTimeStep(lambda *args: decode_one_token(*args))  # no aot_compile
+    monkeypatch.setattr(generate_module, "ahead_of_time_step", lambda device_type: without)
+    assert generate_batch(model, prompts, params, compile=True) == eager
+    assert without.functions == []
 
 
 @pytest.mark.parametrize("n_rep", [1, 2, 12])
