@@ -183,7 +183,9 @@ def test_ahead_of_time_steps_give_the_eager_tokens_one_per_set_of_guards(sharp_m
                                                                         monkeypatch):  # fmt: skip
     """The compiled step as dynamo's ahead-of-time functions (AheadOfTimeStep; dynamo's eager backend,
     as above): the eager tokens; one function per shape, picked again by its guards for a later batch
-    of that shape; a torch without `aot_compile` decodes through the compiled function instead."""
+    of that shape, other prompts and another model's weights included (the function reads the
+    model's weights and caches at each call); none under inductor's freezing (tensors baked in); a
+    torch without `aot_compile`, or one where it fails, decodes through the compiled function."""
     import lmforge.infer.generate as generate_module
     from lmforge.infer.generate import AheadOfTimeStep, decode_one_token
 
@@ -193,20 +195,37 @@ def test_ahead_of_time_steps_give_the_eager_tokens_one_per_set_of_guards(sharp_m
     )
     step = AheadOfTimeStep(compiled)
     monkeypatch.setattr(generate_module, "ahead_of_time_step", lambda device_type: step)
-    model = sharp_model("llama")
-    prompts = random_prompts([3, 11, 6], seed=5)
+    model, other_model = sharp_model("llama"), sharp_model("llama", seed=2)
+    prompts, other_prompts = random_prompts([3, 11, 6], seed=5), random_prompts([3, 11, 6], seed=6)
     params = SamplingParams(max_new_tokens=12, temperature=0)
     eager = generate_batch(model, prompts, params)
     assert generate_batch(model, prompts, params, compile=True) == eager
     assert len(step.functions) == 1
     assert list(generate(model, prompts[1], 12, temperature=0, compile=True)) == eager[1]
     assert len(step.functions) == 2  # batch 1: other guards
-    assert generate_batch(model, prompts, params, compile=True) == eager
-    assert len(step.functions) == 2  # batch 3 again: its function passes the guards
-    without = AheadOfTimeStep(lambda *args: decode_one_token(*args))  # no aot_compile
+    assert generate_batch(model, other_prompts, params, compile=True) == generate_batch(
+        model, other_prompts, params
+    )
+    other_eager = generate_batch(other_model, prompts, params)
+    assert other_eager != eager
+    assert generate_batch(other_model, prompts, params, compile=True) == other_eager
+    assert len(step.functions) == 2  # batches of 3 again: their function passes the guards
+    with torch._inductor.config.patch(freezing=True):
+        assert (
+            step.function_for(model, torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+            is None
+        )
+        assert generate_batch(model, prompts, params, compile=True) == eager  # through dynamo's hook
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no ahead-of-time compilation here")
+
+    without = AheadOfTimeStep(compiled)
+    monkeypatch.setattr(without.compiled, "aot_compile", failing, raising=False)
     monkeypatch.setattr(generate_module, "ahead_of_time_step", lambda device_type: without)
-    assert generate_batch(model, prompts, params, compile=True) == eager
-    assert without.functions == []
+    with pytest.warns(UserWarning, match="RuntimeError: no ahead-of-time compilation here"):
+        assert generate_batch(model, prompts, params, compile=True) == eager
+    assert without.functions == [] and not without.available
 
 
 @pytest.mark.parametrize("n_rep", [1, 2, 12])

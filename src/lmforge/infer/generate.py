@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -115,10 +116,13 @@ def compiled_decode_one_token(
 
 class AheadOfTimeStep:
     """A whole-graph compiled decode step called without dynamo's frame hook: dynamo's ahead-of-time
-    compiled functions (`aot_compile` of a torch.compile'd function), one per set of guards (model,
-    shapes, autocast), newest first. A batch picks the one whose guards its first step passes,
-    compiling a new one where none does, and calls it for every later step without checking them
-    again: every step of a batch passes the same model, tensors and shapes (see DecodeBatch._guards).
+    compiled functions (`aot_compile` of a torch.compile'd function), one per set of guards (model
+    classes, shapes, autocast), newest first. A batch picks the one whose guards its first step
+    passes, compiling a new one where none does, and calls it for every later step without checking
+    them again: every step of a batch passes the same model, tensors and shapes (see
+    DecodeBatch._guards). The functions read the model's parameters and caches at each call; where
+    a setting makes dynamo bake tensors into the graph (inductor's freezing, dynamo's free tensors),
+    `aot_compile` drops the guards that would tell one model or cache from another, so none is used.
     Where this torch has no `aot_compile`, or it fails, the batch decodes through the compiled
     function itself. Measured, tiny llama, batch 1, 2 threads, 128 tokens, alternated in one
     process: 735.7 -> 789.9 tokens/s (a script not kept; benchmarks/RESULTS.md)."""
@@ -128,24 +132,41 @@ class AheadOfTimeStep:
         self.limit = limit  # as dynamo's recompile limit: at most this many kept
         self.functions: list[Callable] = []
         self.available = hasattr(compiled, "aot_compile")
+        self._lock = threading.Lock()  # one search-and-compile at a time (aot_compile takes no lock)
 
     def function_for(self, model: FamilyModel, tokens: Tensor, pos: Tensor) -> Callable | None:
         """The compiled function for these arguments (guards checked here, in the caller's grad and
-        autocast state), compiled now if none fits; None where ahead-of-time compilation fails."""
-        for function in self.functions:
-            if function.guard_check(model, tokens, pos):  # type: ignore[attr-defined]
-                return function
-        if not self.available:
+        autocast state), compiled now if none fits; None where ahead-of-time functions are not used."""
+        if _bakes_tensors():
             return None
-        try:
-            function = self.compiled.aot_compile(((model, tokens, pos), {}))  # type: ignore[attr-defined]
-        except Exception as err:  # an API this torch does not have in this form: decode as before
-            self.available = False
-            warnings.warn(f"compiled decoding without dynamo's ahead-of-time functions ({err})", stacklevel=2)
-            return None
-        function.disable_guard_check()
-        self.functions = [function, *self.functions][: self.limit]
-        return function
+        with self._lock:
+            for function in self.functions:
+                if function.guard_check(model, tokens, pos):  # type: ignore[attr-defined]
+                    return function
+            if not self.available:
+                return None
+            try:
+                function = self.compiled.aot_compile(((model, tokens, pos), {}))  # type: ignore[attr-defined]
+            except Exception as err:  # not this torch's API in this form, or not for this model
+                self.available = False
+                warnings.warn(
+                    f"compiled decoding goes through dynamo's frame hook from now on: its ahead-of-time"
+                    f" compilation failed ({type(err).__name__}: {err})",
+                    stacklevel=3,
+                )  # fmt: skip
+                return None
+            function.disable_guard_check()
+            self.functions = [function, *self.functions][: self.limit]
+            return function
+
+
+def _bakes_tensors() -> bool:
+    """Settings under which dynamo makes tensors (weights, caches) constants of the graph."""
+    return bool(
+        torch._inductor.config.freezing
+        or getattr(torch._dynamo.config, "prepare_freezing", False)
+        or getattr(torch._dynamo.config, "install_free_tensors", False)
+    )
 
 
 @functools.cache
@@ -270,6 +291,8 @@ class DecodeBatch:
         with autocast(self.device, self.dtype):
             if self._step is None and self._ahead_of_time is not None:
                 self._step = self._ahead_of_time.function_for(self.model, tokens, positions)
+                if self._step is None:
+                    self._ahead_of_time = None  # this batch goes through dynamo's frame hook
             if self._step is not None:
                 logits = self._step(self.model, tokens, positions)  # (B, V)
             else:
