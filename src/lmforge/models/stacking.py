@@ -49,7 +49,7 @@ def _stackable(linears: list[nn.Linear]) -> bool:
 
 
 def _sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in model.parameters()) or any(
+    return any(isinstance(p.data, DTensor) for p in model.parameters()) or any(
         isinstance(m, FSDPModule) for m in model.modules()
     )
 
@@ -67,11 +67,10 @@ def stacked_weights(model: nn.Module, stacked_modules: Mapping[type[nn.Module], 
                 if entry is None or not _stackable(linears):
                     continue
                 stacked = torch.cat([linear.weight for linear in linears])  # (sum of outs, in)
-                rows = 0
-                for linear in linears:
-                    n = linear.weight.size(0)
-                    linear.weight.data = stacked[rows : rows + n]  # the old storage is freed here
-                    rows += n
+                for linear, rows in zip(
+                    linears, stacked.split([lin.out_features for lin in linears]), strict=True
+                ):
+                    linear.weight.data = rows  # the old storage is freed here
                 module.stacked = stacked  # a plain attribute: not a parameter, not in the state dict
                 original, module.__class__ = type(module), entry.module
                 swapped.append((module, original, linears))
@@ -86,10 +85,9 @@ def stacked_weights(model: nn.Module, stacked_modules: Mapping[type[nn.Module], 
                     linear.weight.data = linear.weight.data.clone()  # its own storage again
 
 
-def _ordinary_tensors() -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _ordinary_tensors() -> Iterator[None]:
     """No autograd, and ordinary tensors even under the caller's inference mode: the parameters must
     stay trainable after the block."""
-    modes = contextlib.ExitStack()
-    modes.enter_context(torch.inference_mode(False))
-    modes.enter_context(torch.no_grad())
-    return modes
+    with torch.inference_mode(False), torch.no_grad():
+        yield
